@@ -1,0 +1,209 @@
+"""Computed output as frozen dataclasses, and their JSON form (DESIGN §2.5).
+
+``results.json`` is the machine-readable contract: other tools read it and every number in
+the HTML report comes from it. Field names here are the JSON names; keep them stable and
+bump ``SCHEMA`` on a breaking change. Fields beyond §2.5 are additions, never renames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AuditError
+from .fileio import atomic_write_text
+
+SCHEMA = "inferlink-audit/results/v1"
+
+Label = str  # "fragile" | "robust" | "antifragile"
+LABELS: tuple[Label, ...] = ("fragile", "robust", "antifragile")
+RESPONSES: tuple[str, ...] = ("clean", "adversarial")
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """One attack on the unfiltered network."""
+
+    id: str
+    kind: str
+    params: dict[str, Any]
+    accuracy: float
+    success_rate: float
+    distortion_rms: float
+    distortion_linf: float
+    distortion_l2: float = 0.0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The paper's three filtering scores φc, φa, φΔ (DESIGN §1.4)."""
+
+    clean: float
+    adversarial: float
+    difference: float
+
+
+@dataclass(frozen=True)
+class Labels:
+    clean: Label
+    adversarial: Label
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Responses of one scope to one filter under one attack, and what they mean."""
+
+    scope: str  # "local" | "global"
+    layer: str | None  # None for the global scope
+    filter: str
+    attack: str
+    numel: int
+    thresholds: list[float]
+    removed_fraction: list[float]
+    clean_accuracy: list[float]
+    adversarial_accuracy: list[float]
+    scores: Scores
+    labels: Labels
+    targeted: bool
+    # Additions to §2.5, so a reader can see why a label was given.
+    antifragile_area: Scores = field(default_factory=lambda: Scores(0.0, 0.0, 0.0))
+    adversarial_normalised_by: str = "adversarial"  # "clean" when ψa⁰ = 0 (DESIGN §1.4)
+    layers: list[str] = field(default_factory=list)  # the layers a global scope covers
+    evaluated_variants: int = 0  # distinct masks actually evaluated (duplicates reused)
+
+
+@dataclass(frozen=True)
+class LipschitzLayer:
+    layer: str
+    upper_bound: float
+
+
+@dataclass(frozen=True)
+class LipschitzResult:
+    layers: list[LipschitzLayer]
+    network_upper_bound: float
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One asserted threshold: what was measured, the limit, and why it failed if it did."""
+
+    id: str
+    passed: bool
+    measured: float
+    limit: float
+    detail: str
+    check: str = ""  # the check's key, e.g. "max_fragile_fraction"
+    line: int | None = None  # the check's line in the spec
+    layers: list[str] = field(default_factory=list)  # the layers that caused a failure
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    name: str
+    checkpoint_sha256: str
+    n_examples: int
+    clean_accuracy: float
+    attacks: list[AttackResult]
+    sweeps: list[SweepResult]
+    lipschitz: LipschitzResult | None
+    remediation: dict[str, Any] | None
+    checks: list[CheckResult]
+    spec_path: str = ""
+    layers: list[dict[str, Any]] = field(default_factory=list)  # name, type, numel of analysed layers
+    tolerance: float = 0.05
+    values: str = "signed"
+    adversarial_source: str = "filtered"
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    meta: dict[str, Any]
+    models: list[ModelResult]
+    consistency: dict[str, Any] | None = None
+    schema: str = SCHEMA
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for model in self.models for check in model.checks)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null so strict readers can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def result_to_dict(result: AuditResult) -> dict[str, Any]:
+    data = asdict(result)
+    ordered = {"schema": data.pop("schema"), "meta": data.pop("meta"), "models": data.pop("models")}
+    if data.get("consistency") is not None:
+        ordered["consistency"] = data["consistency"]
+    return _finite(ordered)
+
+
+def result_from_dict(data: dict[str, Any]) -> AuditResult:
+    """Rebuild an AuditResult from its JSON form (for merge, baselines and the report)."""
+    if data.get("schema") != SCHEMA:
+        raise AuditError(
+            f"results file has schema {data.get('schema')!r}, this version reads {SCHEMA!r}: "
+            "re-run the audit with this version to regenerate it."
+        )
+    models = []
+    for m in data["models"]:
+        lip = m.get("lipschitz")
+        models.append(
+            ModelResult(
+                name=m["name"],
+                checkpoint_sha256=m["checkpoint_sha256"],
+                n_examples=m["n_examples"],
+                clean_accuracy=m["clean_accuracy"],
+                attacks=[AttackResult(**a) for a in m["attacks"]],
+                sweeps=[_sweep_from_dict(s) for s in m["sweeps"]],
+                lipschitz=None
+                if lip is None
+                else LipschitzResult(
+                    layers=[LipschitzLayer(**layer) for layer in lip["layers"]],
+                    network_upper_bound=lip["network_upper_bound"],
+                ),
+                remediation=m.get("remediation"),
+                checks=[CheckResult(**c) for c in m["checks"]],
+                spec_path=m.get("spec_path", ""),
+                layers=m.get("layers", []),
+                tolerance=m.get("tolerance", 0.05),
+                values=m.get("values", "signed"),
+                adversarial_source=m.get("adversarial_source", "filtered"),
+            )
+        )
+    return AuditResult(meta=data["meta"], models=models, consistency=data.get("consistency"))
+
+
+def _sweep_from_dict(s: dict[str, Any]) -> SweepResult:
+    s = dict(s)
+    s["scores"] = Scores(**s["scores"])
+    s["labels"] = Labels(**s["labels"])
+    if "antifragile_area" in s:
+        s["antifragile_area"] = Scores(**s["antifragile_area"])
+    return SweepResult(**s)
+
+
+def write_results(result: AuditResult, path: str | Path) -> Path:
+    """Write results.json atomically (an interruption never leaves half a file)."""
+    text = json.dumps(result_to_dict(result), indent=2, sort_keys=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def read_results(path: str | Path) -> AuditResult:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AuditError(f"{path}: cannot read results ({exc}); pass a results.json written by inferlink-audit.") from None
+    return result_from_dict(data)
