@@ -1,0 +1,393 @@
+"""One audit, computed lazily: the model, the unfiltered baselines, attacks and sweeps.
+
+``AuditSession`` is what both front ends drive. The command line asks for everything at
+once (``run``); the pytest plugin asks, item by item, for just what each check needs. Each
+piece of work (an attack on the unfiltered network, the sweeps of one filter under one attack)
+is computed once per session, and through an optional cache once per checkpoint and spec.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from . import __version__
+from .attacks import Attack, build_attack
+from .checks import PlannedCheck, evaluate_check, plan_checks
+from .data import load_dataset, validate_dataset
+from .devices import deterministic_settings, describe_device, resolve_device, seed_everything
+from .errors import UnsupportedError
+from .filters import FilterName
+from .models import LoadedModel, load_model
+from .results import (
+    AttackResult,
+    AuditResult,
+    CheckResult,
+    ModelResult,
+    SweepResult,
+    read_results,
+)
+from .scores import score_curves
+from .spec import AuditSpec
+from .sweep import AnalysedLayer, EvalData, Evaluator, frozen_parameters, select_layers, sweep_scope
+
+
+class SweepCache(Protocol):
+    """Where finished sweeps are kept between runs (the plugin backs it with a folder)."""
+
+    def get(self, key: str) -> list[SweepResult] | None: ...
+
+    def put(self, key: str, sweeps: list[SweepResult]) -> None: ...
+
+
+@dataclass
+class _Prepared:
+    loaded: LoadedModel
+    device: torch.device
+    data: EvalData
+    layers: list[AnalysedLayer]
+    settings: dict[str, Any]
+
+
+class AuditSession:
+    """Lazily computed measurements of one spec's model; every result is computed once."""
+
+    def __init__(
+        self,
+        spec: AuditSpec,
+        *,
+        device: str | None = None,
+        cache: SweepCache | None = None,
+        on_variant: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.device_name = device or spec.device
+        self.cache = cache
+        self.on_variant = on_variant
+        self.started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        self.timings: dict[str, float] = {}
+        self.computed_sweeps = 0  # sweeps computed here (not taken from the cache)
+        self._attacks: dict[str, AttackResult] = {}
+        self._sweeps: dict[tuple[str, str], list[SweepResult]] = {}
+        self._clean: float | None = None
+        self._evaluators: dict[str, tuple[Evaluator, tuple[float, float]]] = {}
+
+    # ----------------------------------------------------------------- preparation
+    @cached_property
+    def prepared(self) -> _Prepared:
+        t0 = time.perf_counter()
+        seed_everything(self.spec.seed)
+        device = resolve_device(self.device_name)
+        settings = deterministic_settings(device)
+        dataset = load_dataset(self.spec.data)
+        loaded = load_model(
+            self.spec.model, self.spec.data, spec_dir=self.spec.spec_dir, example_input=dataset.x[:1]
+        )
+        validate_dataset(
+            dataset,
+            num_outputs=loaded.num_outputs,
+            input_range=self.spec.data.input_range,
+            where=dataset.description,
+        )
+        model = loaded.module.to(device).eval()
+        data = EvalData(dataset.x.to(device), dataset.y.to(device), self.spec.data.batch_size)
+        layers = select_layers(loaded.inner, self.spec.filtering.layers)
+        self.timings["prepare"] = time.perf_counter() - t0
+        return _Prepared(loaded, device, data, layers, settings)
+
+    def _attack(self, attack_id: str) -> Attack:
+        data = self.spec.data
+        return build_attack(self.spec.attack(attack_id), data.input_range, self.spec.seed)
+
+    # ----------------------------------------------------------------- unfiltered network
+    def clean_accuracy(self) -> float:
+        if self._clean is None:
+            p = self.prepared
+            correct = 0
+            with torch.inference_mode():
+                for _, xb, yb in p.data.batches():
+                    correct += int((p.loaded.module(xb).argmax(1) == yb).sum())
+            self._clean = correct / p.data.n
+        return self._clean
+
+    def attack_result(self, attack_id: str) -> AttackResult:
+        """The attack on the unfiltered network: accuracy, success rate and distortion."""
+        if attack_id not in self._attacks:
+            t0 = time.perf_counter()
+            p = self.prepared
+            attack = self._attack(attack_id)
+            model = p.loaded.module
+            correct = flipped = clean_correct = 0
+            rms: list[torch.Tensor] = []
+            linf: list[torch.Tensor] = []
+            l2: list[torch.Tensor] = []
+            with frozen_parameters(model):
+                for index, xb, yb in p.data.batches():
+                    x_adv = attack(model, xb, yb, batch_index=index).adversarial
+                    with torch.inference_mode():
+                        clean_ok = model(xb).argmax(1) == yb
+                        adv_ok = model(x_adv).argmax(1) == yb
+                    correct += int(adv_ok.sum())
+                    clean_correct += int(clean_ok.sum())
+                    flipped += int((clean_ok & ~adv_ok).sum())
+                    diff = (x_adv - xb).flatten(1).double()
+                    rms.append(diff.pow(2).mean(1).sqrt().cpu())
+                    linf.append(diff.abs().amax(1).cpu())
+                    l2.append(diff.norm(dim=1).cpu())
+            spec = self.spec.attack(attack_id)
+            self._attacks[attack_id] = AttackResult(
+                id=attack_id,
+                kind=spec.kind,
+                params=spec.model_dump(mode="json"),
+                accuracy=correct / p.data.n,
+                success_rate=flipped / clean_correct if clean_correct else 0.0,
+                distortion_rms=float(torch.cat(rms).mean()),
+                distortion_linf=float(torch.cat(linf).mean()),
+                distortion_l2=float(torch.cat(l2).mean()),
+            )
+            self.timings[f"attack {attack_id}"] = time.perf_counter() - t0
+        return self._attacks[attack_id]
+
+    # ----------------------------------------------------------------- sweeps
+    def cache_key(self, filter_name: str, attack_id: str) -> str:
+        """Identifies a sweep's inputs: checkpoint, everything in the spec that changes it, version."""
+        spec = self.spec
+        relevant = {
+            "version": __version__,
+            "torch": torch.__version__,
+            "checkpoint": self.prepared.loaded.checkpoint_sha256,
+            "model": spec.model.model_dump(mode="json"),
+            "data": spec.data.model_dump(mode="json"),
+            "filtering": spec.filtering.model_dump(mode="json"),
+            "attack": spec.attack(attack_id).model_dump(mode="json") | {"id": attack_id},
+            "seed": spec.seed,
+            "device": self.prepared.device.type,
+            "filter": filter_name,
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+    def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]:
+        """Local sweeps (one per layer, in model order) then the global one, as the spec asks."""
+        key = (filter_name, attack_id)
+        if key not in self._sweeps:
+            cached = None
+            if self.cache is not None:
+                cached = self.cache.get(self.cache_key(filter_name, attack_id))
+            if cached is None:
+                t0 = time.perf_counter()
+                cached = self._compute_sweeps(filter_name, attack_id)  # type: ignore[arg-type]
+                self.timings[f"sweep {filter_name} {attack_id}"] = time.perf_counter() - t0
+                self.computed_sweeps += 1
+                if self.cache is not None:
+                    self.cache.put(self.cache_key(filter_name, attack_id), cached)
+            self._sweeps[key] = cached
+        return self._sweeps[key]
+
+    def _evaluator(self, attack_id: str) -> tuple[Evaluator, tuple[float, float]]:
+        """The attack's evaluator and the unfiltered network's (clean, adversarial) accuracy.
+
+        The unfiltered network goes through the same evaluation path as every variant, once
+        per attack, so thresholds that zero nothing reuse a result computed like the others.
+        """
+        if attack_id not in self._evaluators:
+            p = self.prepared
+            source = self.spec.filtering.adversarial_source
+            evaluator = Evaluator(p.loaded.module, p.data, self._attack(attack_id), source)
+            self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
+        return self._evaluators[attack_id]
+
+    def _compute_sweeps(self, filter_name: FilterName, attack_id: str) -> list[SweepResult]:
+        p = self.prepared
+        filtering = self.spec.filtering
+        model = p.loaded.module
+        results: list[SweepResult] = []
+        with frozen_parameters(model):
+            evaluator, unfiltered = self._evaluator(attack_id)
+            scopes: list[tuple[str, str | None, list[AnalysedLayer]]] = []
+            if "local" in filtering.scopes:
+                scopes += [("local", layer.name, [layer]) for layer in p.layers]
+            if "global" in filtering.scopes:
+                scopes.append(("global", None, p.layers))
+            for scope, layer_name, layers in scopes:
+                tensors = [t for layer in layers for t in layer.parameters]
+                where = f"{filter_name} {attack_id} {layer_name or 'global'}"
+                curves = sweep_scope(
+                    tensors,
+                    filter_name,
+                    thresholds=filtering.thresholds,
+                    values=filtering.values,
+                    evaluator=evaluator,
+                    unfiltered=unfiltered,
+                    value_range=filtering.range if scope == "global" else None,
+                    where=where,
+                    on_variant=(lambda w=where: self.on_variant(w)) if self.on_variant else None,
+                )
+                scored = score_curves(
+                    curves.clean_accuracy,
+                    curves.adversarial_accuracy,
+                    curves.removed_fraction,
+                    clean_reference=unfiltered[0],
+                    adversarial_reference=unfiltered[1],
+                    tolerance=filtering.tolerance,
+                )
+                results.append(
+                    SweepResult(
+                        scope=scope,
+                        layer=layer_name,
+                        filter=filter_name,
+                        attack=attack_id,
+                        numel=curves.numel,
+                        thresholds=curves.thresholds,
+                        removed_fraction=curves.removed_fraction,
+                        clean_accuracy=curves.clean_accuracy,
+                        adversarial_accuracy=curves.adversarial_accuracy,
+                        scores=scored.scores,
+                        labels=scored.labels,
+                        targeted=scored.targeted,
+                        antifragile_area=scored.antifragile_area,
+                        adversarial_normalised_by=scored.adversarial_normalised_by,
+                        layers=[layer.name for layer in layers] if scope == "global" else [],
+                        evaluated_variants=curves.evaluated_variants,
+                    )
+                )
+        return results
+
+    def variant_budget(self) -> int:
+        """Upper bound on the variants a full run evaluates (for a progress bar's total)."""
+        filtering = self.spec.filtering
+        n_scopes = len(self.prepared.layers) * ("local" in filtering.scopes) + (
+            "global" in filtering.scopes
+        )
+        return n_scopes * filtering.thresholds * len(filtering.filters) * len(self.spec.attacks)
+
+    # ----------------------------------------------------------------- regression checks
+    def baseline_check(self, planned: PlannedCheck) -> CheckResult:
+        """``no_new_fragile_layers`` and ``max_score_drop`` against the released model's results."""
+        assert self.spec.baseline is not None  # the spec validator guarantees it
+        released = read_results(self.spec.baseline)
+        model = next((m for m in released.models if m.name == self.spec.name), None)
+        if model is None:
+            model = released.models[0]
+        before = {
+            (s.scope, s.layer): s
+            for s in model.sweeps
+            if s.filter == planned.filter and s.attack == planned.attack
+        }
+        now = self.sweeps(planned.filter or "", planned.attack or "")
+        layers: list[str] = []
+        if planned.check == "no_new_fragile_layers":
+            for s in now:
+                old = before.get((s.scope, s.layer))
+                for response in ("clean", "adversarial"):
+                    if getattr(s.labels, response) == "fragile" and (
+                        old is None or getattr(old.labels, response) != "fragile"
+                    ):
+                        layers.append(f"{s.layer or 'global'} ({response})")
+            measured = float(len(layers))
+            passed = measured <= planned.limit
+            detail = f"{len(layers)} layers newly fragile since the baseline"
+        else:
+            drops: list[tuple[float, str]] = []
+            for s in now:
+                old = before.get((s.scope, s.layer))
+                if old is None:
+                    continue
+                for response in ("clean", "adversarial", "difference"):
+                    drop = getattr(old.scores, response) - getattr(s.scores, response)
+                    drops.append((drop, f"{s.layer or 'global'} ({response})"))
+            drops.sort(reverse=True)
+            measured = drops[0][0] if drops else 0.0
+            layers = [name for drop, name in drops if drop > planned.limit]
+            passed = measured <= planned.limit
+            detail = f"largest score drop {measured:.3f} {'<=' if passed else '>'} max {planned.limit:.3f}"
+        if layers:
+            detail += f" ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''})"
+        return CheckResult(
+            id=planned.id, passed=passed, measured=measured, limit=planned.limit, detail=detail,
+            check=planned.check, line=planned.line, layers=layers,
+        )
+
+    # ----------------------------------------------------------------- the whole audit
+    def evaluate(self, planned: PlannedCheck) -> CheckResult:
+        return evaluate_check(planned, self)
+
+    def model_result(self, checks: list[CheckResult]) -> ModelResult:
+        """Everything the spec asks for, computing what no item has computed yet."""
+        spec = self.spec
+        if spec.remediation is not None:
+            raise UnsupportedError(
+                "remediation (selective retraining) is validated but not supported yet in this "
+                "version; remove 'remediation' from the spec to run the audit."
+            )
+        if spec.compare:
+            raise UnsupportedError(
+                "compare is validated but not supported yet in this version; remove 'compare' "
+                "from the spec to run the audit."
+            )
+        attacks = [self.attack_result(a.id) for a in spec.attack_specs]
+        sweeps = [
+            s for f in spec.filtering.filters for a in spec.attack_specs for s in self.sweeps(f, a.id)
+        ]
+        p = self.prepared
+        return ModelResult(
+            name=spec.name,
+            checkpoint_sha256=p.loaded.checkpoint_sha256,
+            n_examples=p.data.n,
+            clean_accuracy=self.clean_accuracy(),
+            attacks=attacks,
+            sweeps=sweeps,
+            lipschitz=None,
+            remediation=None,
+            checks=checks,
+            spec_path=str(spec.source_path or ""),
+            layers=[{"name": layer.name, "type": layer.type, "numel": layer.numel} for layer in p.layers],
+            tolerance=spec.filtering.tolerance,
+            values=spec.filtering.values,
+            adversarial_source=spec.filtering.adversarial_source,
+        )
+
+    def meta(self, seconds: float) -> dict[str, Any]:
+        p = self.prepared
+        return {
+            "version": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+            "device": describe_device(p.device),
+            "seed": self.spec.seed,
+            "spec": str(self.spec.source_path or ""),
+            "spec_sha256": self.spec.sha256,
+            "started": self.started,
+            "seconds": round(seconds, 3),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "deterministic": p.settings,
+            "definitions": "DESIGN §1.4: r = ψ/ψ⁰, b = 1 − ρ, Simpson over α̂ = k/(n−1)",
+        }
+
+
+def run_audit(
+    spec: AuditSpec,
+    *,
+    device: str | None = None,
+    cache: SweepCache | None = None,
+    on_variant: Callable[[str], None] | None = None,
+) -> tuple[AuditResult, list[PlannedCheck], AuditSession]:
+    """The whole audit of one spec: every check evaluated and every sweep computed."""
+    t0 = time.perf_counter()
+    session = AuditSession(spec, device=device, cache=cache, on_variant=on_variant)
+    planned = plan_checks(spec)
+    checks = [session.evaluate(p) for p in planned if p.check != "sweep"]
+    model = session.model_result(checks)
+    result = AuditResult(meta=session.meta(time.perf_counter() - t0), models=[model])
+    return result, planned, session

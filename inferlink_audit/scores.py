@@ -1,0 +1,106 @@
+"""Scores and labels (DESIGN §1.4), from accuracy curves to fragile / robust / antifragile.
+
+Integrals use composite Simpson's rule over the normalised threshold α̂ₖ = k/(n − 1), exactly
+as ``scipy.integrate.simpson`` computes it (the reference notebooks' ``rob_value``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.integrate import simpson
+
+from .results import Label, Labels, Scores, SweepResult
+
+
+def alpha_hat(n: int) -> np.ndarray:
+    """Normalised thresholds k/(n − 1), k = 0 … n − 1: α̂ always runs 0 → 1 in sweep order."""
+    return np.arange(n, dtype=np.float64) / (n - 1)
+
+
+def integrate(curve: Sequence[float] | np.ndarray) -> float:
+    """∫ curve dα̂ over [0, 1] by composite Simpson's rule."""
+    y = np.asarray(curve, dtype=np.float64)
+    return float(simpson(y, x=alpha_hat(len(y))))
+
+
+def baseline(removed_fraction: Sequence[float] | np.ndarray) -> np.ndarray:
+    """b(α) = 1 − ρ(α): performance falling exactly in proportion to the weights removed."""
+    return 1.0 - np.asarray(removed_fraction, dtype=np.float64)
+
+
+def label_of(response: np.ndarray, base: np.ndarray, tolerance: float) -> tuple[Label, float, float]:
+    """Label one normalised response curve; returns (label, φ, antifragile area).
+
+    Antifragile when removing weights improves performance by more than τ in area,
+    else fragile when the curve falls below the baseline by more than τ in area, else robust.
+    """
+    phi = integrate(response - base)
+    gain = integrate(np.maximum(0.0, response - 1.0))
+    if gain > tolerance:
+        return "antifragile", phi, gain
+    if phi < -tolerance:
+        return "fragile", phi, gain
+    return "robust", phi, gain
+
+
+@dataclass(frozen=True)
+class ScoredCurves:
+    scores: Scores
+    labels: Labels
+    targeted: bool
+    antifragile_area: Scores
+    adversarial_normalised_by: str
+
+
+def normalisers(clean_reference: float, adversarial_reference: float) -> tuple[float, float, str]:
+    """ψc⁰ and the adversarial normaliser: ψa⁰, or ψc⁰ when ψa⁰ = 0 (then the report says so).
+
+    A network with no correct clean prediction cannot be normalised at all: its curves are
+    then used as raw accuracies ("raw").
+    """
+    if clean_reference <= 0.0:
+        return 1.0, 1.0, "raw"
+    if adversarial_reference <= 0.0:
+        return clean_reference, clean_reference, "clean"
+    return clean_reference, adversarial_reference, "adversarial"
+
+
+def score_curves(
+    clean_accuracy: Sequence[float],
+    adversarial_accuracy: Sequence[float],
+    removed_fraction: Sequence[float],
+    *,
+    clean_reference: float,
+    adversarial_reference: float,
+    tolerance: float,
+) -> ScoredCurves:
+    """The three filtering scores φc, φa, φΔ, both labels, and whether the attack targets the scope."""
+    psi_c0, psi_a0, normalised_by = normalisers(clean_reference, adversarial_reference)
+    rc = np.asarray(clean_accuracy, dtype=np.float64) / psi_c0
+    ra = np.asarray(adversarial_accuracy, dtype=np.float64) / psi_a0
+    base = baseline(removed_fraction)
+    clean_label, phi_c, gain_c = label_of(rc, base, tolerance)
+    adversarial_label, phi_a, gain_a = label_of(ra, base, tolerance)
+    phi_d = integrate(ra - rc)
+    return ScoredCurves(
+        scores=Scores(clean=phi_c, adversarial=phi_a, difference=phi_d),
+        labels=Labels(clean=clean_label, adversarial=adversarial_label),
+        targeted=phi_d < -tolerance,
+        antifragile_area=Scores(clean=gain_c, adversarial=gain_a, difference=0.0),
+        adversarial_normalised_by=normalised_by,
+    )
+
+
+def fragile_fraction(local_sweeps: Sequence[SweepResult], response: str) -> tuple[float, list[str]]:
+    """Weights in layers labelled fragile / weights in all analysed layers, and those layers.
+
+    The layers come back worst first (most negative score), which is what a failing check shows.
+    """
+    total = sum(s.numel for s in local_sweeps)
+    fragile = [s for s in local_sweeps if getattr(s.labels, response) == "fragile"]
+    fragile.sort(key=lambda s: getattr(s.scores, response))
+    fraction = sum(s.numel for s in fragile) / total if total else 0.0
+    return fraction, [s.layer or "" for s in fragile]

@@ -1,0 +1,256 @@
+"""The sweep engine (DESIGN §1.3, §4): responses of a network to one filter over one scope.
+
+Unlike the reference notebooks (a deep copy and a state_dict reload per threshold), the
+engine filters the live model in place and restores it bit-exactly: each threshold zeroes a
+run of the scope's sorted values (see ``filters``), so moving from one threshold to the next
+restores the previous run and zeroes the new one. Thresholds whose run equals one already
+evaluated reuse that result; an empty run reuses the unfiltered network's result, which is
+computed once. The test set stays on the device, parameters stop requiring gradients during
+the sweep, and under FGSM one forward pass gives both the clean prediction and the gradient.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attacks import Attack
+from .errors import AuditError, IntegrityError
+from .filters import FilterName, SortedScope, filter_values, pulse_half_width, threshold_grid
+from .spec import LayerSelectionSpec
+
+
+@dataclass
+class AnalysedLayer:
+    """A module whose selected parameters (by default its ``.weight``) form one local scope."""
+
+    name: str
+    type: str
+    parameters: list[nn.Parameter | torch.Tensor]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parameters)
+
+
+def select_layers(model: nn.Module, selection: LayerSelectionSpec) -> list[AnalysedLayer]:
+    """The analysed layers, in module order: type matches, name included and not excluded."""
+    layers = []
+    for name, module in model.named_modules():
+        if not name or type(module).__name__ not in selection.types:
+            continue
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in selection.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in selection.exclude):
+            continue
+        params = [
+            getattr(module, p)
+            for p in selection.parameters
+            if isinstance(getattr(module, p, None), torch.Tensor)
+        ]
+        if params:
+            layers.append(AnalysedLayer(name, type(module).__name__, params))
+    if not layers:
+        candidates = sorted(
+            {type(m).__name__ for n, m in model.named_modules() if n and any(m.parameters(recurse=False))}
+        )
+        raise AuditError(
+            f"filtering.layers selects no layer (types {selection.types}, include "
+            f"{selection.include}, exclude {selection.exclude}). The model's module types with "
+            f"parameters are: {', '.join(candidates) or 'none'}; adjust filtering.layers."
+        )
+    return layers
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No weight gradients during sweeps: attacks need only the gradient w.r.t. the input."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class EvalData:
+    """The test set, resident on the device, cut into fixed batches."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for index, start in enumerate(range(0, self.n, self.batch_size)):
+            stop = start + self.batch_size
+            yield index, self.x[start:stop], self.y[start:stop]
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    return int((logits.argmax(dim=1) == y).sum().item())
+
+
+class Evaluator:
+    """Clean and adversarial accuracy of the network as its weights are *now*.
+
+    ``filtered``: the attack is run against the current (filtered) network, white-box.
+    ``original``: the adversarial inputs are crafted once on the unfiltered network and reused.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: EvalData,
+        attack: Attack,
+        source: Literal["filtered", "original"],
+    ) -> None:
+        self.model, self.data, self.attack, self.source = model, data, attack, source
+        self.fixed_adversarial: list[torch.Tensor] | None = None
+        if source == "original":
+            self.fixed_adversarial = [
+                attack(model, xb, yb, batch_index=i).adversarial for i, xb, yb in data.batches()
+            ]
+
+    def evaluate(self) -> tuple[float, float]:
+        clean = adversarial = 0
+        for index, xb, yb in self.data.batches():
+            if self.fixed_adversarial is None:
+                out = self.attack(self.model, xb, yb, batch_index=index)
+                x_adv, clean_logits = out.adversarial, out.clean_logits
+            else:
+                x_adv, clean_logits = self.fixed_adversarial[index], None
+            with torch.inference_mode():
+                if clean_logits is None:
+                    clean_logits = self.model(xb)
+                clean += _correct(clean_logits, yb)
+                adversarial += _correct(self.model(x_adv), yb)
+        return clean / self.data.n, adversarial / self.data.n
+
+
+@dataclass
+class Curves:
+    """Raw responses of one scope to one filter, in sweep order."""
+
+    thresholds: list[float]
+    removed_fraction: list[float]
+    clean_accuracy: list[float]
+    adversarial_accuracy: list[float]
+    evaluated_variants: int
+    numel: int
+
+
+@dataclass
+class _Scope:
+    """The flat view of a scope's tensors, for masking by flat index across several tensors."""
+
+    tensors: list[torch.Tensor]
+    originals: list[torch.Tensor] = field(init=False)
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for t in self.tensors:
+            if not t.is_contiguous():
+                t.data = t.data.contiguous()
+        self.originals = [t.detach().clone() for t in self.tensors]
+        self.offsets = list(np.cumsum([0] + [t.numel() for t in self.tensors]))
+
+    def _split(self, flat_index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for t, orig, lo, hi in zip(self.tensors, self.originals, self.offsets, self.offsets[1:], strict=False):
+            if len(self.tensors) == 1:
+                local = flat_index
+            else:
+                local = flat_index[(flat_index >= lo) & (flat_index < hi)] - lo
+            if local.numel():
+                yield t.data.view(-1), orig.view(-1), local
+
+    def zero(self, flat_index: torch.Tensor) -> None:
+        for flat, _, local in self._split(flat_index):
+            flat[local] = 0
+
+    def restore(self, flat_index: torch.Tensor) -> None:
+        for flat, orig, local in self._split(flat_index):
+            flat[local] = orig[local]
+
+    def restore_all_and_verify(self, where: str) -> None:
+        for t, orig in zip(self.tensors, self.originals, strict=True):
+            t.data.copy_(orig)
+            if not torch.equal(t.data, orig):
+                raise IntegrityError(
+                    f"{where}: the weights were not restored bit-exactly after filtering; the "
+                    "results of this run are void. Please report this as a bug."
+                )
+
+
+def sweep_scope(
+    tensors: list[torch.Tensor],
+    filter_name: FilterName,
+    *,
+    thresholds: int,
+    values: Literal["signed", "magnitude"],
+    evaluator: Evaluator,
+    unfiltered: tuple[float, float],
+    value_range: tuple[float, float] | None = None,
+    where: str = "",
+    on_variant: Callable[[], None] | None = None,
+) -> Curves:
+    """Evaluate the network at every threshold of ``filter_name`` over the scope ``tensors``.
+
+    ``unfiltered`` is the (clean, adversarial) accuracy of the unfiltered network, reused for
+    every threshold that zeroes nothing. The tensors are restored bit-exactly before returning,
+    also when an exception interrupts the sweep.
+    """
+    flat_values = torch.cat([filter_values(t, values).cpu() for t in tensors])
+    vmin, vmax = value_range or (float(flat_values.min()), float(flat_values.max()))
+    grid = threshold_grid(vmin, vmax, thresholds, filter_name)
+    delta = pulse_half_width(vmin, vmax, thresholds)
+    ordering = SortedScope.from_values(flat_values)
+    order = ordering.order.to(tensors[0].device)
+    scope = _Scope(tensors)
+    seen: dict[tuple[int, int], tuple[float, float]] = {}
+    applied: tuple[int, int] | None = None
+    clean: list[float] = []
+    adversarial: list[float] = []
+    removed: list[float] = []
+    try:
+        for alpha in grid:
+            start, stop = ordering.interval(filter_name, float(alpha), delta)
+            removed.append((stop - start) / ordering.numel)
+            if stop == start:
+                response = unfiltered
+            elif (start, stop) in seen:
+                response = seen[(start, stop)]
+            else:
+                if applied is not None:
+                    scope.restore(order[applied[0] : applied[1]])
+                scope.zero(order[start:stop])
+                applied = (start, stop)
+                response = evaluator.evaluate()
+                seen[(start, stop)] = response
+                if on_variant is not None:
+                    on_variant()
+            clean.append(response[0])
+            adversarial.append(response[1])
+    finally:
+        scope.restore_all_and_verify(where or "sweep")
+    return Curves(
+        thresholds=[float(a) for a in grid],
+        removed_fraction=removed,
+        clean_accuracy=clean,
+        adversarial_accuracy=adversarial,
+        evaluated_variants=len(seen),
+        numel=ordering.numel,
+    )
