@@ -111,7 +111,9 @@ class DataSourceSpec(_Strict):
     @model_validator(mode="after")
     def _source_needs(self) -> DataSourceSpec:
         if self.source == "tensors" and self.path is None:
-            raise ValueError("source 'tensors' needs 'path' (a .pt dict {x, y} or a .npz with x, y)")
+            raise ValueError(
+                "source 'tensors' needs 'path' (a .pt dict {x, y} or a .npz with x, y)"
+            )
         if self.source == "torchvision" and (self.name is None or self.root is None):
             raise ValueError("source 'torchvision' needs 'name' and 'root' (a local folder)")
         return self
@@ -143,13 +145,19 @@ class LayerSelectionSpec(_Strict):
     parameters: list[str] = Field(default_factory=lambda: ["weight"], min_length=1)
 
 
+def _default_scopes() -> list[ScopeName]:
+    return ["local", "global"]
+
+
+def _default_filters() -> list[FilterName]:
+    return ["low_pass", "high_pass", "pulse"]
+
+
 class FilteringSpec(_Strict):
     """Synaptic filtering (DESIGN §1.2-1.4)."""
 
-    scopes: list[ScopeName] = Field(default_factory=lambda: ["local", "global"], min_length=1)
-    filters: list[FilterName] = Field(
-        default_factory=lambda: ["low_pass", "high_pass", "pulse"], min_length=1
-    )
+    scopes: list[ScopeName] = Field(default_factory=_default_scopes, min_length=1)
+    filters: list[FilterName] = Field(default_factory=_default_filters, min_length=1)
     thresholds: Annotated[int, Field(ge=3, le=10_000)] = 25
     values: Literal["signed", "magnitude"] = "signed"
     layers: LayerSelectionSpec = Field(default_factory=LayerSelectionSpec)
@@ -273,7 +281,7 @@ class AttackItem(_Strict):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if value is not None:
-                return value  # type: ignore[no-any-return]
+                return value
         raise AssertionError("validated AttackItem has no attack")
 
 
@@ -358,7 +366,9 @@ class AuditSpec(_Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"attacks lists the same attack twice: {ids}")
         if not self.attacks:
-            raise ValueError("attacks is empty: leave the key out for the default FGSM, or list one")
+            raise ValueError(
+                "attacks is empty: leave the key out for the default FGSM, or list one"
+            )
         needs_local = [
             key
             for key in ("max_fragile_fraction", "max_targeted_layers")
