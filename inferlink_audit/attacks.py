@@ -30,6 +30,8 @@ class AttackOutput:
 class Attack(ABC):
     """A typed attack: ``__call__`` guards the model's state, ``run`` does the work."""
 
+    model_dependent: bool = True  # False when the perturbation ignores the network (noise)
+
     def __init__(self, spec: AttackSpec, input_range: tuple[float, float], seed: int) -> None:
         self.spec = spec
         self.lo, self.hi = float(input_range[0]), float(input_range[1])
@@ -86,8 +88,11 @@ class FGSM(Attack):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int
     ) -> AttackOutput:
         grad, logits = _loss_gradient(model, x, y)
-        adversarial = (x + self.spec.eps * grad.sign()).clamp_(self.lo, self.hi)
-        return AttackOutput(adversarial, logits)
+        return AttackOutput(self.step(x, grad), logits)
+
+    def step(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The FGSM example from a loss gradient already computed (the sweep's prefix reuse)."""
+        return (x + self.spec.eps * grad.sign()).clamp_(self.lo, self.hi)
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +142,7 @@ class GaussianNoise(Attack):
     """Additive Gaussian noise N(0, σ²) per input element, clipped to the input box."""
 
     spec: GaussianSpec
+    model_dependent = False
 
     def run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int

@@ -14,6 +14,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from .devices import deterministic_settings, describe_device, resolve_device, se
 from .errors import UnsupportedError
 from .filters import FilterName
 from .models import LoadedModel, load_model
+from .prefix import NetworkSplitter
 from .results import (
     AttackResult,
     AuditResult,
@@ -91,7 +93,10 @@ class AuditSession:
         settings = deterministic_settings(device)
         dataset = load_dataset(self.spec.data)
         loaded = load_model(
-            self.spec.model, self.spec.data, spec_dir=self.spec.spec_dir, example_input=dataset.x[:1]
+            self.spec.model,
+            self.spec.data,
+            spec_dir=self.spec.spec_dir,
+            example_input=dataset.x[:1],
         )
         validate_dataset(
             dataset,
@@ -104,6 +109,12 @@ class AuditSession:
         layers = select_layers(loaded.inner, self.spec.filtering.layers)
         self.timings["prepare"] = time.perf_counter() - t0
         return _Prepared(loaded, device, data, layers, settings)
+
+    @cached_property
+    def splitter(self) -> NetworkSplitter:
+        """The user's network traced once, to cut it before each analysed layer."""
+        loaded = self.prepared.loaded
+        return NetworkSplitter(loaded.inner, loaded.module.normalize)
 
     def _attack(self, attack_id: str) -> Attack:
         data = self.spec.data
@@ -202,7 +213,14 @@ class AuditSession:
         if attack_id not in self._evaluators:
             p = self.prepared
             source = self.spec.filtering.adversarial_source
-            evaluator = Evaluator(p.loaded.module, p.data, self._attack(attack_id), source)
+            evaluator = Evaluator(
+                p.loaded.module,
+                p.data,
+                self._attack(attack_id),
+                source,
+                splitter=self.splitter,
+                prefix_budget=self.spec.filtering.prefix_cache_mb << 20,
+            )
             self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
         return self._evaluators[attack_id]
 
@@ -221,17 +239,21 @@ class AuditSession:
             for scope, layer_name, layers in scopes:
                 tensors = [t for layer in layers for t in layer.parameters]
                 where = f"{filter_name} {attack_id} {layer_name or 'global'}"
-                curves = sweep_scope(
-                    tensors,
-                    filter_name,
-                    thresholds=filtering.thresholds,
-                    values=filtering.values,
-                    evaluator=evaluator,
-                    unfiltered=unfiltered,
-                    value_range=filtering.range if scope == "global" else None,
-                    where=where,
-                    on_variant=(lambda w=where: self.on_variant(w)) if self.on_variant else None,
-                )
+                focus = evaluator.focus(layer_name) if layer_name is not None else nullcontext()
+                with focus:
+                    curves = sweep_scope(
+                        tensors,
+                        filter_name,
+                        thresholds=filtering.thresholds,
+                        values=filtering.values,
+                        evaluator=evaluator,
+                        unfiltered=unfiltered,
+                        value_range=filtering.range if scope == "global" else None,
+                        where=where,
+                        on_variant=(lambda w=where: self.on_variant(w))
+                        if self.on_variant
+                        else None,
+                    )
                 scored = score_curves(
                     curves.clean_accuracy,
                     curves.adversarial_accuracy,
@@ -313,8 +335,14 @@ class AuditSession:
         if layers:
             detail += f" ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''})"
         return CheckResult(
-            id=planned.id, passed=passed, measured=measured, limit=planned.limit, detail=detail,
-            check=planned.check, line=planned.line, layers=layers,
+            id=planned.id,
+            passed=passed,
+            measured=measured,
+            limit=planned.limit,
+            detail=detail,
+            check=planned.check,
+            line=planned.line,
+            layers=layers,
         )
 
     # ----------------------------------------------------------------- the whole audit
@@ -336,7 +364,10 @@ class AuditSession:
             )
         attacks = [self.attack_result(a.id) for a in spec.attack_specs]
         sweeps = [
-            s for f in spec.filtering.filters for a in spec.attack_specs for s in self.sweeps(f, a.id)
+            s
+            for f in spec.filtering.filters
+            for a in spec.attack_specs
+            for s in self.sweeps(f, a.id)
         ]
         p = self.prepared
         return ModelResult(
@@ -350,7 +381,9 @@ class AuditSession:
             remediation=None,
             checks=checks,
             spec_path=str(spec.source_path or ""),
-            layers=[{"name": layer.name, "type": layer.type, "numel": layer.numel} for layer in p.layers],
+            layers=[
+                {"name": layer.name, "type": layer.type, "numel": layer.numel} for layer in p.layers
+            ],
             tolerance=spec.filtering.tolerance,
             values=spec.filtering.values,
             adversarial_source=spec.filtering.adversarial_source,

@@ -165,6 +165,7 @@ class FilteringSpec(_Strict):
     tolerance: Annotated[float, Field(ge=0.0)] = 0.05
     range: tuple[float, float] | None = None
     fast: bool = False
+    prefix_cache_mb: Annotated[int, Field(ge=0)] = 2048
 
     @model_validator(mode="after")
     def _unique(self) -> FilteringSpec:

@@ -15,15 +15,17 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Attack
+from .attacks import FGSM, Attack
 from .errors import AuditError, IntegrityError
 from .filters import FilterName, SortedScope, filter_values, pulse_half_width, threshold_grid
+from .prefix import NetworkSplitter, live_bytes
 from .spec import LayerSelectionSpec
 
 
@@ -104,11 +106,44 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((logits.argmax(dim=1) == y).sum().item())
 
 
+def _saved_bytes_of(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` and count the bytes autograd saves for its backward pass."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+@dataclass
+class _PrefixCache:
+    """What one local scope reuses across its thresholds: the prefix's outputs, per batch.
+
+    ``fixed`` holds (clean live values, adversarial live values) when the adversarial inputs
+    do not depend on the filtered network; ``graphs`` holds (input leaf, live values with
+    their autograd graph kept) for FGSM crafted against each filtered network.
+    """
+
+    suffix: nn.Module
+    fixed: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+    graphs: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] | None = None
+
+
 class Evaluator:
     """Clean and adversarial accuracy of the network as its weights are *now*.
 
     ``filtered``: the attack is run against the current (filtered) network, white-box.
     ``original``: the adversarial inputs are crafted once on the unfiltered network and reused.
+    An attack whose output does not depend on the network (noise) is always crafted once.
+
+    Inside ``focus(layer)`` a local sweep reuses the unchanged prefix of the network, within
+    ``prefix_budget`` bytes of cached activations; outside it, or when the network does not
+    trace, every pass runs the whole network.
     """
 
     def __init__(
@@ -117,18 +152,82 @@ class Evaluator:
         data: EvalData,
         attack: Attack,
         source: Literal["filtered", "original"],
+        *,
+        splitter: NetworkSplitter | None = None,
+        prefix_budget: int = 0,
     ) -> None:
-        self.model, self.data, self.attack, self.source = model, data, attack, source
+        self.model, self.data, self.attack = model, data, attack
+        self.splitter, self.prefix_budget = splitter, prefix_budget
         self.fixed_adversarial: list[torch.Tensor] | None = None
-        if source == "original":
+        if source == "original" or not attack.model_dependent:
             self.fixed_adversarial = [
                 attack(model, xb, yb, batch_index=i).adversarial for i, xb, yb in data.batches()
             ]
+        self._prefix: _PrefixCache | None = None
+        self.prefix_hits = 0  # local scopes that reused their prefix (for the benchmark)
+
+    @contextmanager
+    def focus(self, layer: str) -> Iterator[None]:
+        """Reuse the network's prefix before ``layer`` while the weights of ``layer`` change."""
+        self._prefix = self._build_prefix(layer)
+        if self._prefix is not None:
+            self.prefix_hits += 1
+        try:
+            yield
+        finally:
+            self._prefix = None
+
+    def _build_prefix(self, layer: str) -> _PrefixCache | None:
+        if self.splitter is None or self.prefix_budget <= 0:
+            return None
+        split = self.splitter.split(layer)
+        if split is None:
+            return None
+        batches = list(self.data.batches())
+        n_batches = len(batches)
+        cache = _PrefixCache(split.suffix)
+        if self.fixed_adversarial is not None:
+            fixed = []
+            with torch.inference_mode():
+                for index, xb, _ in batches:
+                    pair = (split.prefix(xb), split.prefix(self.fixed_adversarial[index]))
+                    if index == 0 and 2 * live_bytes(pair[0]) * n_batches > self.prefix_budget:
+                        return None
+                    fixed.append(pair)
+            cache.fixed = fixed
+            return cache
+        if not isinstance(self.attack, FGSM):
+            return None  # iterative attacks need whole-network gradients at perturbed inputs
+        graphs = []
+        for index, xb, _ in batches:
+            leaf = xb.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                live, saved = _saved_bytes_of(lambda leaf=leaf: split.prefix(leaf))
+            if index == 0 and (saved + live_bytes(live)) * n_batches > self.prefix_budget:
+                return None
+            graphs.append((leaf, live))
+        cache.graphs = graphs
+        return cache
 
     def evaluate(self) -> tuple[float, float]:
         clean = adversarial = 0
+        prefix = self._prefix
         for index, xb, yb in self.data.batches():
-            if self.fixed_adversarial is None:
+            if prefix is not None and prefix.fixed is not None:
+                live_clean, live_adv = prefix.fixed[index]
+                with torch.inference_mode():
+                    clean += _correct(prefix.suffix(*live_clean), yb)
+                    adversarial += _correct(prefix.suffix(*live_adv), yb)
+                continue
+            if prefix is not None and prefix.graphs is not None:
+                assert isinstance(self.attack, FGSM)
+                leaf, live = prefix.graphs[index]
+                with torch.enable_grad():
+                    logits = prefix.suffix(*live)
+                    loss = F.cross_entropy(logits, yb, reduction="sum")
+                    (grad,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+                x_adv, clean_logits = self.attack.step(xb, grad), logits.detach()
+            elif self.fixed_adversarial is None:
                 out = self.attack(self.model, xb, yb, batch_index=index)
                 x_adv, clean_logits = out.adversarial, out.clean_logits
             else:

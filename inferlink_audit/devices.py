@@ -1,0 +1,175 @@
+"""One small abstraction over the devices an audit can run on: cpu, cuda, xla and mps.
+
+The rest of the library asks this module for a ``torch.device``, a readable name for the
+report, a synchronisation point for timings, and reproducible settings; it never tests
+for a backend itself. ``torch_xla`` is optional and imported only when a spec asks for XLA.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DeviceError
+
+__all__ = [
+    "describe_device",
+    "deterministic_settings",
+    "resolve_device",
+    "seed_everything",
+    "synchronize",
+]
+
+_NAME_RE = re.compile(r"^(?P<kind>auto|cpu|cuda|xla|mps)(?::(?P<index>\d+))?$")
+# cuBLAS needs a fixed workspace to be deterministic (the value PyTorch's docs recommend).
+_CUBLAS_WORKSPACE = ":4096:8"
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a spec's ``device:`` value into a ``torch.device`` that exists on this machine.
+
+    ``auto`` picks CUDA when it is available and the CPU otherwise; every other name must
+    exist, so an audit never silently runs somewhere other than where the spec asked.
+    """
+    text = name.strip().lower()
+    match = _NAME_RE.match(text)
+    if match is None or (match["index"] is not None and match["kind"] in ("auto", "cpu", "mps")):
+        raise DeviceError(
+            f"device {name!r} is not a device name: use auto, cpu, cuda, cuda:N, xla, xla:N or mps."
+        )
+    kind, index = match["kind"], match["index"]
+    if kind == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        return _resolve_cuda(name, None if index is None else int(index))
+    if kind == "xla":
+        return _resolve_xla(name, None if index is None else int(index))
+    if not torch.backends.mps.is_available():
+        raise DeviceError(
+            f"device {name!r}: Apple's MPS backend is not available on this machine (it needs "
+            "macOS on Apple silicon and a PyTorch built with MPS); use device: cpu or auto."
+        )
+    return torch.device("mps")
+
+
+def _resolve_cuda(name: str, index: int | None) -> torch.device:
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        why = (
+            f"this PyTorch is built for CUDA {built} but finds no usable GPU (driver missing, or "
+            "CUDA_VISIBLE_DEVICES hides them)"
+            if built
+            else "this PyTorch is a CPU-only build"
+        )
+        raise DeviceError(
+            f"device {name!r}: CUDA is not available: {why}. "
+            "Use device: cpu (or auto, which falls back to the CPU), or run on a machine with a GPU."
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if index is None else index
+    if index >= count:
+        present = ", ".join(f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
+        raise DeviceError(
+            f"device {name!r}: there is no CUDA device {index}; this machine has {count}: "
+            f"{present}. Pick one of those, or use device: cuda for the current one."
+        )
+    return torch.device("cuda", index)
+
+
+def _resolve_xla(name: str, index: int | None) -> torch.device:
+    try:
+        import torch_xla  # noqa: F401  (optional dependency, only for XLA devices)
+        import torch_xla.core.xla_model as xm
+    except ImportError as exc:
+        raise DeviceError(
+            f"device {name!r} needs the optional package torch_xla, which is not importable here "
+            f"({exc}). Install the torch_xla build that matches torch {torch.__version__} "
+            "(pip install torch_xla), or use device: cpu or cuda."
+        ) from exc
+    try:
+        # Newer torch_xla spells it torch_xla.device(n); older releases only xm.xla_device(n).
+        make = getattr(sys.modules["torch_xla"], "device", None) or xm.xla_device
+        device: torch.device = make(index) if index is not None else make()
+    except Exception as exc:
+        raise DeviceError(
+            f"device {name!r}: torch_xla is installed but could not open the device ({exc}). "
+            "Check the XLA runtime (PJRT_DEVICE, TPU or GPU visibility) or use device: cpu."
+        ) from exc
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """A human name for reports: ``cpu``, ``cuda:0 (NVIDIA H100 80GB HBM3)``, ``xla:0 (TPU)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "xla":
+        try:
+            import torch_xla.core.xla_model as xm
+
+            hardware = xm.xla_device_hw(device)
+        except Exception:
+            # The name is for the report only; a torch_xla without this helper is no error.
+            return str(device)
+        return f"{device} ({hardware})"
+    return str(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until queued work on ``device`` has run, so wall-clock timings mean something.
+
+    CUDA and MPS run kernels asynchronously; XLA records a lazy graph that only executes at
+    a step boundary. On the CPU this does nothing.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()
+        xm.wait_device_ops()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (every CUDA device too) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if "torch_xla" in sys.modules:
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed)
+
+
+def deterministic_settings(device: torch.device) -> dict[str, Any]:
+    """Ask torch for deterministic kernels where it has them; return what was set.
+
+    ``warn_only=True``: an operation without a deterministic implementation warns instead of
+    failing the audit, and the returned dict (recorded in the report's metadata) says that
+    determinism was requested, not guaranteed.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    settings: dict[str, Any] = {
+        "use_deterministic_algorithms": True,
+        "warn_only": True,
+        "cudnn.deterministic": True,
+        "cudnn.benchmark": False,
+    }
+    if device.type == "cuda":
+        # Only honoured if cuBLAS has not been initialised yet in this process; an existing
+        # user setting is respected.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
+        settings["CUBLAS_WORKSPACE_CONFIG"] = os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    return settings
