@@ -116,11 +116,16 @@ class PGD(Attack):
         if self.spec.random_start:
             gen = self._generator(x.device, batch_index)
             if linf:
-                delta = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+                delta = (
+                    torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
+                ) * eps
             else:
                 direction = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
                 radius = torch.rand(
-                    (x.shape[0],) + (1,) * (x.dim() - 1), generator=gen, device=x.device, dtype=x.dtype
+                    (x.shape[0],) + (1,) * (x.dim() - 1),
+                    generator=gen,
+                    device=x.device,
+                    dtype=x.dtype,
                 )
                 delta = direction / _per_example_norm(direction) * radius * eps
             delta = (x + delta).clamp(self.lo, self.hi) - x

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,7 +26,7 @@ from . import __version__
 from .attacks import Attack, build_attack
 from .checks import PlannedCheck, evaluate_check, plan_checks
 from .data import load_dataset, validate_dataset
-from .devices import deterministic_settings, describe_device, resolve_device, seed_everything
+from .devices import describe_device, deterministic_settings, resolve_device, seed_everything
 from .errors import UnsupportedError
 from .filters import FilterName
 from .models import LoadedModel, load_model
@@ -104,7 +104,7 @@ class AuditSession:
             input_range=self.spec.data.input_range,
             where=dataset.description,
         )
-        model = loaded.module.to(device).eval()
+        loaded.module.to(device).eval()
         data = EvalData(dataset.x.to(device), dataset.y.to(device), self.spec.data.batch_size)
         layers = select_layers(loaded.inner, self.spec.filtering.layers)
         self.timings["prepare"] = time.perf_counter() - t0
@@ -250,9 +250,7 @@ class AuditSession:
                         unfiltered=unfiltered,
                         value_range=filtering.range if scope == "global" else None,
                         where=where,
-                        on_variant=(lambda w=where: self.on_variant(w))
-                        if self.on_variant
-                        else None,
+                        on_variant=partial(self.on_variant, where) if self.on_variant else None,
                     )
                 scored = score_curves(
                     curves.clean_accuracy,

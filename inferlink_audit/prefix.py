@@ -28,7 +28,7 @@ class SplitNetwork:
     preprocess: Callable[[torch.Tensor], torch.Tensor]
 
     def prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.inner_prefix(self.preprocess(x))  # type: ignore[no-any-return]
+        return self.inner_prefix(self.preprocess(x))
 
 
 def _uses_layer(node: fx.Node, layer: str) -> bool:

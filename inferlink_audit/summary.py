@@ -10,11 +10,13 @@ _SHORT = {"fragile": "F", "robust": "r", "antifragile": "A"}
 def label_table(model: ModelResult) -> list[str]:
     """Layers × filter (per attack): clean/adversarial label initials, e.g. ``r/F``."""
     columns = sorted({(s.filter, s.attack) for s in model.sweeps}, key=lambda c: (c[1], c[0]))
-    rows = [s.layer for s in model.sweeps if s.scope == "local"]
-    names = list(dict.fromkeys(rows)) + (["(global)"] if any(s.scope == "global" for s in model.sweeps) else [])
+    rows = [s.layer or "" for s in model.sweeps if s.scope == "local"]
+    names = list(dict.fromkeys(rows)) + (
+        ["(global)"] if any(s.scope == "global" for s in model.sweeps) else []
+    )
     if not names:
         return []
-    by_key = {((s.layer or "(global)"), s.filter, s.attack): s for s in model.sweeps}
+    by_key = {(s.layer or "(global)", s.filter, s.attack): s for s in model.sweeps}
     width = max(len(n) for n in names) + 2
     multi_attack = len({c[1] for c in columns}) > 1
     heads = [f"{f}{'@' + a if multi_attack else ''}" for f, a in columns]
@@ -25,18 +27,26 @@ def label_table(model: ModelResult) -> list[str]:
         for f, a in columns:
             s = by_key.get((name, f, a))
             cells.append(
-                (f"{_SHORT[s.labels.clean]}/{_SHORT[s.labels.adversarial]}" + ("*" if s.targeted else "")
-                 if s else "-").ljust(col_w)
+                (
+                    f"{_SHORT[s.labels.clean]}/{_SHORT[s.labels.adversarial]}"
+                    + ("*" if s.targeted else "")
+                    if s
+                    else "-"
+                ).ljust(col_w)
             )
         lines.append(name.ljust(width) + "".join(cells))
-    lines.append("labels clean/adversarial: F fragile, r robust, A antifragile; * targeted by the attack")
+    lines.append(
+        "labels clean/adversarial: F fragile, r robust, A antifragile; * targeted by the attack"
+    )
     return lines
 
 
 def text_summary(result: AuditResult) -> str:
     out: list[str] = []
     for model in result.models:
-        out.append(f"== {model.name}: clean accuracy {model.clean_accuracy:.2%} on {model.n_examples} examples")
+        out.append(
+            f"== {model.name}: clean accuracy {model.clean_accuracy:.2%} on {model.n_examples} examples"
+        )
         for attack in model.attacks:
             out.append(
                 f"   {attack.id}: accuracy {attack.accuracy:.2%}, success rate {attack.success_rate:.2%}, "

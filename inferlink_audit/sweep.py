@@ -15,6 +15,7 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -61,7 +62,11 @@ def select_layers(model: nn.Module, selection: LayerSelectionSpec) -> list[Analy
             layers.append(AnalysedLayer(name, type(module).__name__, params))
     if not layers:
         candidates = sorted(
-            {type(m).__name__ for n, m in model.named_modules() if n and any(m.parameters(recurse=False))}
+            {
+                type(m).__name__
+                for n, m in model.named_modules()
+                if n and any(m.parameters(recurse=False))
+            }
         )
         raise AuditError(
             f"filtering.layers selects no layer (types {selection.types}, include "
@@ -202,7 +207,7 @@ class Evaluator:
         for index, xb, _ in batches:
             leaf = xb.detach().clone().requires_grad_(True)
             with torch.enable_grad():
-                live, saved = _saved_bytes_of(lambda leaf=leaf: split.prefix(leaf))
+                live, saved = _saved_bytes_of(partial(split.prefix, leaf))
             if index == 0 and (saved + live_bytes(live)) * n_batches > self.prefix_budget:
                 return None
             graphs.append((leaf, live))
@@ -267,8 +272,12 @@ class _Scope:
         self.originals = [t.detach().clone() for t in self.tensors]
         self.offsets = list(np.cumsum([0] + [t.numel() for t in self.tensors]))
 
-    def _split(self, flat_index: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for t, orig, lo, hi in zip(self.tensors, self.originals, self.offsets, self.offsets[1:], strict=False):
+    def _split(
+        self, flat_index: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for t, orig, lo, hi in zip(
+            self.tensors, self.originals, self.offsets, self.offsets[1:], strict=False
+        ):
             if len(self.tensors) == 1:
                 local = flat_index
             else:

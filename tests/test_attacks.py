@@ -36,7 +36,9 @@ def test_fgsm_does_not_depend_on_batch_size(linear):
     model, x, y = linear
     attack = FGSM(FGSMSpec(eps=0.05), (0.0, 1.0), 0)
     whole = attack(model, x, y).adversarial
-    parts = torch.cat([attack(model, x[i : i + 3], y[i : i + 3]).adversarial for i in range(0, 10, 3)])
+    parts = torch.cat(
+        [attack(model, x[i : i + 3], y[i : i + 3]).adversarial for i in range(0, 10, 3)]
+    )
     assert torch.equal(whole, parts)
 
 
@@ -82,10 +84,14 @@ def test_pgd_without_random_start_first_step_is_fgsm_sized(linear):
 def test_gaussian_is_seeded_per_batch(linear):
     model, x, y = linear
     a = GaussianNoise(GaussianSpec(sigma=0.1), (0.0, 1.0), 7)
-    assert torch.equal(a(model, x, y, batch_index=2).adversarial, a(model, x, y, batch_index=2).adversarial)
-    assert not torch.equal(a(model, x, y, batch_index=1).adversarial, a(model, x, y, batch_index=2).adversarial)
+    assert torch.equal(
+        a(model, x, y, batch_index=2).adversarial, a(model, x, y, batch_index=2).adversarial
+    )
+    assert not torch.equal(
+        a(model, x, y, batch_index=1).adversarial, a(model, x, y, batch_index=2).adversarial
+    )
 
 
 def test_lbfgs_is_reported_unsupported_by_name():
-    with pytest.raises(UnsupportedError, match="lbfgs_next.*not supported yet"):
+    with pytest.raises(UnsupportedError, match=r"lbfgs_next.*not supported yet"):
         build_attack(LBFGSSpec(), (0.0, 1.0), 0)

@@ -67,8 +67,12 @@ def test_engine_equals_naive_reference(tiny, filter_name, scope, source):
         evaluator = Evaluator(model, EvalData(x, y, 16), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), source)
         unfiltered = evaluator.evaluate()
         curves = sweep_scope(
-            [params[n] for n in names], filter_name, thresholds=11, values="signed",
-            evaluator=evaluator, unfiltered=unfiltered,
+            [params[n] for n in names],
+            filter_name,
+            thresholds=11,
+            values="signed",
+            evaluator=evaluator,
+            unfiltered=unfiltered,
         )
     assert curves.clean_accuracy == pytest.approx(naive_clean.tolist(), abs=1e-12)
     assert curves.adversarial_accuracy == pytest.approx(naive_adv.tolist(), abs=1e-12)
@@ -77,9 +81,14 @@ def test_engine_equals_naive_reference(tiny, filter_name, scope, source):
     assert 0 < curves.evaluated_variants <= 11
     assert _digest(model) == before  # restored bit-exactly
 
-    scored = score_curves(curves.clean_accuracy, curves.adversarial_accuracy, curves.removed_fraction,
-                          clean_reference=unfiltered[0], adversarial_reference=unfiltered[1],
-                          tolerance=0.05)
+    scored = score_curves(
+        curves.clean_accuracy,
+        curves.adversarial_accuracy,
+        curves.removed_fraction,
+        clean_reference=unfiltered[0],
+        adversarial_reference=unfiltered[1],
+        tolerance=0.05,
+    )
     naive = naive_scores(naive_clean, naive_adv, naive_removed, unfiltered[0], unfiltered[1], 0.05)
     assert scored.scores.clean == pytest.approx(naive["clean"][0], abs=1e-12)
     assert scored.scores.adversarial == pytest.approx(naive["adversarial"][0], abs=1e-12)
@@ -94,9 +103,17 @@ def test_magnitude_mode_equals_naive(tiny):
         model, ["fc.weight"], "low_pass", 9, x, y, EPS, magnitude=True
     )
     with frozen_parameters(model):
-        evaluator = Evaluator(model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered")
-        curves = sweep_scope([model.fc.weight], "low_pass", thresholds=9, values="magnitude",
-                             evaluator=evaluator, unfiltered=evaluator.evaluate())
+        evaluator = Evaluator(
+            model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered"
+        )
+        curves = sweep_scope(
+            [model.fc.weight],
+            "low_pass",
+            thresholds=9,
+            values="magnitude",
+            evaluator=evaluator,
+            unfiltered=evaluator.evaluate(),
+        )
     assert curves.clean_accuracy == pytest.approx(naive_clean.tolist(), abs=1e-12)
     assert curves.adversarial_accuracy == pytest.approx(naive_adv.tolist(), abs=1e-12)
     assert curves.removed_fraction == pytest.approx(naive_removed.tolist(), abs=1e-12)
@@ -106,15 +123,27 @@ def test_duplicate_masks_are_evaluated_once(tiny):
     model, x, y = tiny
     calls = []
     with frozen_parameters(model):
-        evaluator = Evaluator(model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered")
-        curves = sweep_scope([model.conv.bias], "pulse", thresholds=50, values="signed",
-                             evaluator=evaluator, unfiltered=(1.0, 1.0),
-                             on_variant=lambda: calls.append(1))
+        evaluator = Evaluator(
+            model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered"
+        )
+        curves = sweep_scope(
+            [model.conv.bias],
+            "pulse",
+            thresholds=50,
+            values="signed",
+            evaluator=evaluator,
+            unfiltered=(1.0, 1.0),
+            on_variant=lambda: calls.append(1),
+        )
     # 3 biases, 50 pulses: most pulses select nothing (reuse the unfiltered result), and no
     # non-empty mask is evaluated twice
     assert len(calls) == curves.evaluated_variants <= 3
     assert sum(1 for r in curves.removed_fraction if r == 0) >= 47
-    assert all(c == 1.0 for c, r in zip(curves.clean_accuracy, curves.removed_fraction) if r == 0)
+    assert all(
+        c == 1.0
+        for c, r in zip(curves.clean_accuracy, curves.removed_fraction, strict=True)
+        if r == 0
+    )
 
 
 def test_interrupted_sweep_still_restores_weights(tiny):
@@ -128,9 +157,18 @@ def test_interrupted_sweep_still_restores_weights(tiny):
         raise Boom
 
     with frozen_parameters(model):
-        evaluator = Evaluator(model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered")
+        evaluator = Evaluator(
+            model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered"
+        )
         with pytest.raises(Boom):
-            sweep_scope([model.fc.weight], "high_pass", thresholds=7, values="signed",
-                        evaluator=evaluator, unfiltered=(1.0, 1.0), on_variant=explode)
+            sweep_scope(
+                [model.fc.weight],
+                "high_pass",
+                thresholds=7,
+                values="signed",
+                evaluator=evaluator,
+                unfiltered=(1.0, 1.0),
+                on_variant=explode,
+            )
     assert _digest(model) == before
     assert all(p.requires_grad for p in model.parameters())

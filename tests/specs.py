@@ -1,0 +1,39 @@
+"""Small audit specs over the bundled digits CNN, written into a test's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_audits"
+
+
+def digits_spec(**overrides: object) -> dict[str, object]:
+    """A quick spec: 120 test digits, 5 thresholds; top-level keys replaced by ``overrides``."""
+    spec: dict[str, object] = {
+        "version": 1,
+        "name": "digits-small",
+        "model": {
+            "factory": f"{EXAMPLES / 'digits.py'}:DigitsCNN",
+            "kwargs": {"num_classes": 10},
+            "checkpoint": str(EXAMPLES / "digits_cnn.safetensors"),
+        },
+        "data": {
+            "source": "sklearn_digits",
+            "limit": 120,
+            "batch_size": 120,
+            "normalize": {"mean": [0.5], "std": [0.5]},
+        },
+        "device": "cpu",
+        "filtering": {"thresholds": 5},
+        "attacks": [{"fgsm": {"eps": 0.1}}],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def write_spec(folder: Path, name: str = "audit.yaml", **overrides: object) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(digits_spec(**overrides), sort_keys=False))
+    return path
