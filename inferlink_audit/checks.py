@@ -67,8 +67,13 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
             for attack in attacks:
                 planned.append(
                     PlannedCheck(
-                        f"{attack.id}-{key}", key, None, attack.id, limit,
-                        spec.line_of("checks", key), attack.label,
+                        f"{attack.id}-{key}",
+                        key,
+                        None,
+                        attack.id,
+                        limit,
+                        spec.line_of("checks", key),
+                        attack.label,
                     )
                 )
     sweep_keys = [key for key in SWEEP_CHECKS if _limit(spec, key) is not None]
@@ -78,8 +83,13 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
             for key in sweep_keys:
                 planned.append(
                     PlannedCheck(
-                        f"{filter_name}-{attack.id}-{key}", key, filter_name, attack.id,
-                        float(_limit(spec, key) or 0.0), spec.line_of("checks", key), label,
+                        f"{filter_name}-{attack.id}-{key}",
+                        key,
+                        filter_name,
+                        attack.id,
+                        float(_limit(spec, key) or 0.0),
+                        spec.line_of("checks", key),
+                        label,
                     )
                 )
     if not planned:
@@ -87,8 +97,13 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
             for attack in attacks:
                 planned.append(
                     PlannedCheck(
-                        f"{filter_name}-{attack.id}", SWEEP_ONLY, filter_name, attack.id, 0.0,
-                        spec.line_of("filtering"), f"{filter_name} {attack.label}",
+                        f"{filter_name}-{attack.id}",
+                        SWEEP_ONLY,
+                        filter_name,
+                        attack.id,
+                        0.0,
+                        spec.line_of("filtering"),
+                        f"{filter_name} {attack.label}",
                     )
                 )
     return planned
@@ -147,8 +162,14 @@ def evaluate_check(planned: PlannedCheck, session: AuditSession) -> CheckResult:
             "'checks' to run the audit."
         )
     return CheckResult(
-        id=planned.id, passed=passed, measured=measured, limit=limit, detail=detail,
-        check=key, line=planned.line, layers=layers,
+        id=planned.id,
+        passed=passed,
+        measured=measured,
+        limit=limit,
+        detail=detail,
+        check=key,
+        line=planned.line,
+        layers=layers,
     )
 
 

@@ -49,10 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the audit a spec describes; write results.json and report.html")
+    run = sub.add_parser(
+        "run", help="run the audit a spec describes; write results.json and report.html"
+    )
     run.add_argument("spec", type=Path, help="the audit spec (YAML)")
-    run.add_argument("--out", type=Path, default=None, help="output folder (default: the spec's report.dir)")
-    run.add_argument("--device", default=None, help="override the spec's device (auto, cpu, cuda:N, xla)")
+    run.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the spec's report.dir)"
+    )
+    run.add_argument(
+        "--device", default=None, help="override the spec's device (auto, cpu, cuda:N, xla)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     init = sub.add_parser("init", help="write a starter spec")
@@ -97,11 +103,16 @@ def _init(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
 
     if args.path.exists() and not args.force:
-        raise AuditError(f"{args.path} already exists; pass --force to overwrite it or choose another path.")
+        raise AuditError(
+            f"{args.path} already exists; pass --force to overwrite it or choose another path."
+        )
     atomic_write_text(
-        args.path, STARTER_SPEC.format(name=args.name, factory=args.factory, checkpoint=args.checkpoint)
+        args.path,
+        STARTER_SPEC.format(name=args.name, factory=args.factory, checkpoint=args.checkpoint),
     )
-    print(f"wrote {args.path}; edit model.factory and model.checkpoint, then: inferlink-audit run {args.path}")
+    print(
+        f"wrote {args.path}; edit model.factory and model.checkpoint, then: inferlink-audit run {args.path}"
+    )
     return EXIT_PASS
 
 

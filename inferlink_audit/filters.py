@@ -73,7 +73,9 @@ class SortedScope:
     def numel(self) -> int:
         return int(self.sorted_values.shape[0])
 
-    def interval(self, filter_name: FilterName, alpha: float, delta: float = 0.0) -> tuple[int, int]:
+    def interval(
+        self, filter_name: FilterName, alpha: float, delta: float = 0.0
+    ) -> tuple[int, int]:
         """The ``[start, stop)`` run of sorted positions the filter zeroes at threshold α."""
         s = self.sorted_values
         if filter_name == "low_pass":

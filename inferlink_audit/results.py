@@ -113,7 +113,9 @@ class ModelResult:
     remediation: dict[str, Any] | None
     checks: list[CheckResult]
     spec_path: str = ""
-    layers: list[dict[str, Any]] = field(default_factory=list)  # name, type, numel of analysed layers
+    layers: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # name, type, numel of analysed layers
     tolerance: float = 0.05
     values: str = "signed"
     adversarial_source: str = "filtered"
@@ -205,5 +207,7 @@ def read_results(path: str | Path) -> AuditResult:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise AuditError(f"{path}: cannot read results ({exc}); pass a results.json written by inferlink-audit.") from None
+        raise AuditError(
+            f"{path}: cannot read results ({exc}); pass a results.json written by inferlink-audit."
+        ) from None
     return result_from_dict(data)

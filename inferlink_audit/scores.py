@@ -31,7 +31,9 @@ def baseline(removed_fraction: Sequence[float] | np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(removed_fraction, dtype=np.float64)
 
 
-def label_of(response: np.ndarray, base: np.ndarray, tolerance: float) -> tuple[Label, float, float]:
+def label_of(
+    response: np.ndarray, base: np.ndarray, tolerance: float
+) -> tuple[Label, float, float]:
     """Label one normalised response curve; returns (label, φ, antifragile area).
 
     Antifragile when removing weights improves performance by more than τ in area,

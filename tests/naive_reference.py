@@ -46,8 +46,9 @@ def accuracies(model, x, y, eps, lo, hi, source_adv=None):
     return clean, adv
 
 
-def naive_sweep(model, param_names, filter_name, n, x, y, eps, lo=0.0, hi=1.0,
-                magnitude=False, original=False):
+def naive_sweep(
+    model, param_names, filter_name, n, x, y, eps, lo=0.0, hi=1.0, magnitude=False, original=False
+):
     """Curves of one scope (the named parameters) for one filter, the literal way."""
     state = model.state_dict()
     values = np.concatenate([state[name].double().numpy().ravel() for name in param_names])

@@ -54,10 +54,11 @@ def test_session_sweeps_equal_the_naive_reference(spec, filter_name):
             if sweep.layer
             else [f"model.{name}.weight" for name in ("conv1", "conv2", "fc1", "fc2")]
         )
-        clean, adv, removed, grid = naive_sweep(model, names, filter_name, 5, x, y, 0.1)
+        clean, adv, removed, thresholds = naive_sweep(model, names, filter_name, 5, x, y, 0.1)
         assert sweep.clean_accuracy == pytest.approx(clean.tolist(), abs=1e-12)
         assert sweep.adversarial_accuracy == pytest.approx(adv.tolist(), abs=1e-12)
         assert sweep.removed_fraction == pytest.approx(removed.tolist(), abs=1e-12)
+        assert sweep.thresholds == pytest.approx(thresholds.tolist(), rel=1e-12)
         naive = naive_scores(clean, adv, removed, clean0, adv0, 0.05)
         assert sweep.scores.clean == pytest.approx(naive["clean"][0], abs=1e-9)
         assert sweep.scores.adversarial == pytest.approx(naive["adversarial"][0], abs=1e-9)

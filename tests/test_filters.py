@@ -29,21 +29,42 @@ def test_grid_order_and_end_points():
 def test_low_pass_zeroes_values_at_or_above_alpha_with_ties():
     values = filter_values(W, "signed")
     assert filter_mask(values, "low_pass", 0.25).tolist() == [False, False, True, True, True, False]
-    assert filter_mask(values, "low_pass", 1.0).tolist() == [False, False, False, False, True, False]
+    assert filter_mask(values, "low_pass", 1.0).tolist() == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        False,
+    ]
     assert filter_mask(values, "low_pass", -1.0).all()
 
 
 def test_high_pass_zeroes_values_at_or_below_alpha_with_ties():
     values = filter_values(W, "signed")
     assert filter_mask(values, "high_pass", 0.25).tolist() == [True, True, True, True, False, True]
-    assert filter_mask(values, "high_pass", -1.0).tolist() == [False, False, False, False, False, True]
+    assert filter_mask(values, "high_pass", -1.0).tolist() == [
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+    ]
     assert filter_mask(values, "high_pass", 1.0).all()
 
 
 def test_pulse_is_half_open_band():
     values = filter_values(W, "signed")
     # band [0.25 - 0.25, 0.25 + 0.25) = [0, 0.5): 0.0, 0.25, 0.25
-    assert filter_mask(values, "pulse", 0.25, 0.25).tolist() == [False, True, True, True, False, False]
+    assert filter_mask(values, "pulse", 0.25, 0.25).tolist() == [
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     # the upper edge is excluded: [0.5, 1.0) does not take 1.0
     assert not filter_mask(values, "pulse", 0.75, 0.25)[4]
 
@@ -88,6 +109,8 @@ def test_removed_fraction_of_full_sweep():
     scope = SortedScope.from_values(values)
     fractions = [
         (stop - start) / 10
-        for start, stop in (scope.interval("high_pass", a) for a in threshold_grid(0, 9, 10, "high_pass"))
+        for start, stop in (
+            scope.interval("high_pass", a) for a in threshold_grid(0, 9, 10, "high_pass")
+        )
     ]
     assert np.allclose(fractions, np.arange(1, 11) / 10)

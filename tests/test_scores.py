@@ -22,8 +22,14 @@ def test_alpha_hat_and_simpson_match_scipy():
 
 def test_curve_on_the_baseline_is_robust():
     base = 1 - REMOVED
-    s = score_curves(base * 0.8, base * 0.4, REMOVED, clean_reference=0.8,
-                     adversarial_reference=0.4, tolerance=0.05)
+    s = score_curves(
+        base * 0.8,
+        base * 0.4,
+        REMOVED,
+        clean_reference=0.8,
+        adversarial_reference=0.4,
+        tolerance=0.05,
+    )
     assert s.scores.clean == pytest.approx(0.0, abs=1e-12)
     assert s.labels == Labels("robust", "robust")
     assert not s.targeted
@@ -32,7 +38,9 @@ def test_curve_on_the_baseline_is_robust():
 def test_collapse_is_fragile_and_plateau_is_robust():
     clean = np.array([0.9, 0.1, 0.1, 0.1, 0.1])  # falls at once: far below the baseline
     adv = np.array([0.5, 0.5, 0.5, 0.5, 0.5])  # never falls: r = 1 throughout
-    s = score_curves(clean, adv, REMOVED, clean_reference=0.9, adversarial_reference=0.5, tolerance=0.05)
+    s = score_curves(
+        clean, adv, REMOVED, clean_reference=0.9, adversarial_reference=0.5, tolerance=0.05
+    )
     a = alpha_hat(N)
     assert s.scores.clean == pytest.approx(simpson(clean / 0.9 - (1 - REMOVED), x=a))
     assert s.labels.clean == "fragile"
@@ -44,15 +52,21 @@ def test_collapse_is_fragile_and_plateau_is_robust():
 
 def test_improvement_is_antifragile_and_takes_precedence():
     clean = np.array([0.5, 0.8, 0.8, 0.8, 0.0])  # r rises to 1.6
-    s = score_curves(clean, clean, REMOVED, clean_reference=0.5, adversarial_reference=0.5, tolerance=0.05)
+    s = score_curves(
+        clean, clean, REMOVED, clean_reference=0.5, adversarial_reference=0.5, tolerance=0.05
+    )
     assert s.labels == Labels("antifragile", "antifragile")
-    assert s.antifragile_area.clean == pytest.approx(simpson(np.maximum(0, clean / 0.5 - 1), x=alpha_hat(N)))
+    assert s.antifragile_area.clean == pytest.approx(
+        simpson(np.maximum(0, clean / 0.5 - 1), x=alpha_hat(N))
+    )
 
 
 def test_targeted_when_adversarial_falls_faster_than_clean():
     clean = np.array([0.9, 0.9, 0.9, 0.9, 0.9])
     adv = np.array([0.6, 0.1, 0.0, 0.0, 0.0])
-    s = score_curves(clean, adv, REMOVED, clean_reference=0.9, adversarial_reference=0.6, tolerance=0.05)
+    s = score_curves(
+        clean, adv, REMOVED, clean_reference=0.9, adversarial_reference=0.6, tolerance=0.05
+    )
     assert s.scores.difference < -0.05
     assert s.targeted
 
@@ -60,7 +74,9 @@ def test_targeted_when_adversarial_falls_faster_than_clean():
 def test_zero_adversarial_reference_normalises_by_clean():
     clean = np.array([0.8, 0.8, 0.4, 0.2, 0.0])
     adv = np.array([0.0, 0.1, 0.0, 0.0, 0.0])
-    s = score_curves(clean, adv, REMOVED, clean_reference=0.8, adversarial_reference=0.0, tolerance=0.05)
+    s = score_curves(
+        clean, adv, REMOVED, clean_reference=0.8, adversarial_reference=0.0, tolerance=0.05
+    )
     assert s.adversarial_normalised_by == "clean"
     expected = simpson(adv / 0.8 - (1 - REMOVED), x=alpha_hat(N))
     assert s.scores.adversarial == pytest.approx(expected)
@@ -71,19 +87,40 @@ def test_tolerance_boundary():
     # φ exactly -τ is not fragile (strict inequality)
     base = 1 - REMOVED
     shift = 0.05
-    s = score_curves(base - shift, base - shift, REMOVED, clean_reference=1.0,
-                     adversarial_reference=1.0, tolerance=0.05)
+    s = score_curves(
+        base - shift,
+        base - shift,
+        REMOVED,
+        clean_reference=1.0,
+        adversarial_reference=1.0,
+        tolerance=0.05,
+    )
     assert s.scores.clean == pytest.approx(-0.05)
-    s2 = score_curves(base - 0.06, base - 0.06, REMOVED, clean_reference=1.0,
-                      adversarial_reference=1.0, tolerance=0.05)
+    s2 = score_curves(
+        base - 0.06,
+        base - 0.06,
+        REMOVED,
+        clean_reference=1.0,
+        adversarial_reference=1.0,
+        tolerance=0.05,
+    )
     assert s2.labels.clean == "fragile"
 
 
 def _sweep(layer, numel, clean, adv, score=-0.1):
     return SweepResult(
-        scope="local", layer=layer, filter="low_pass", attack="fgsm_eps0.1", numel=numel,
-        thresholds=[], removed_fraction=[], clean_accuracy=[], adversarial_accuracy=[],
-        scores=Scores(score, score, 0.0), labels=Labels(clean, adv), targeted=False,
+        scope="local",
+        layer=layer,
+        filter="low_pass",
+        attack="fgsm_eps0.1",
+        numel=numel,
+        thresholds=[],
+        removed_fraction=[],
+        clean_accuracy=[],
+        adversarial_accuracy=[],
+        scores=Scores(score, score, 0.0),
+        labels=Labels(clean, adv),
+        targeted=False,
     )
 
 
