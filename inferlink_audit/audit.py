@@ -35,12 +35,14 @@ from .results import (
     AttackResult,
     AuditResult,
     CheckResult,
+    LipschitzResult,
     ModelResult,
     SweepResult,
     read_results,
 )
 from .scores import score_curves
 from .spec import AuditSpec
+from .spectral import lipschitz_bounds
 from .sweep import AnalysedLayer, EvalData, Evaluator, frozen_parameters, select_layers, sweep_scope
 
 
@@ -168,6 +170,22 @@ class AuditSession:
             )
             self.timings[f"attack {attack_id}"] = time.perf_counter() - t0
         return self._attacks[attack_id]
+
+    # ----------------------------------------------------------------- spectral analysis
+    @cached_property
+    def lipschitz(self) -> LipschitzResult:
+        """Upper Lipschitz bounds of the analysed layers and of the whole network (§1.6)."""
+        t0 = time.perf_counter()
+        p = self.prepared
+        normalize = self.spec.data.normalize
+        result = lipschitz_bounds(
+            p.loaded.inner,
+            p.loaded.module.normalize(p.data.x[:1]),
+            layers=[layer.name for layer in p.layers],
+            input_scale=1.0 / min(normalize.std) if normalize is not None else 1.0,
+        )
+        self.timings["lipschitz"] = time.perf_counter() - t0
+        return result
 
     # ----------------------------------------------------------------- sweeps
     def cache_key(self, filter_name: str, attack_id: str) -> str:
@@ -375,7 +393,7 @@ class AuditSession:
             clean_accuracy=self.clean_accuracy(),
             attacks=attacks,
             sweeps=sweeps,
-            lipschitz=None,
+            lipschitz=self.lipschitz,
             remediation=None,
             checks=checks,
             spec_path=str(spec.source_path or ""),

@@ -126,6 +126,20 @@ def evaluate_check(planned: PlannedCheck, session: AuditSession) -> CheckResult:
         measured = session.clean_accuracy()
         passed = measured >= limit
         detail = f"clean accuracy {measured:.4f} {'>=' if passed else '<'} min {limit:.4f}"
+    elif key == "max_lipschitz_upper_bound":
+        lipschitz = session.lipschitz
+        bound = lipschitz.network_upper_bound
+        measured = float("inf") if bound is None else bound
+        passed = measured <= limit
+        worst = sorted(lipschitz.layers, key=lambda layer: -layer.upper_bound)[:3]
+        layers = [layer.layer for layer in worst]
+        detail = (
+            f"{lipschitz.note}; cannot assert max {limit:.4g}"
+            if bound is None
+            else f"network Lipschitz bound {bound:.4g} {'<=' if passed else '>'} max {limit:.4g}"
+            + f" (largest layers: {', '.join(f'{x.layer} {x.upper_bound:.3g}' for x in worst)})"
+        )
+        layers = [] if passed else layers
     elif key == "min_adversarial_accuracy":
         attack = session.attack_result(planned.attack or "")
         measured = attack.accuracy

@@ -84,7 +84,9 @@ class LipschitzLayer:
 @dataclass(frozen=True)
 class LipschitzResult:
     layers: list[LipschitzLayer]
-    network_upper_bound: float
+    network_upper_bound: float | None  # None when some operation has no known bound
+    note: str = ""  # why the network bound is unavailable, or how it was composed
+    tolerance: float = 1e-8  # relative tolerance of the iterative operator norms
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                 else LipschitzResult(
                     layers=[LipschitzLayer(**layer) for layer in lip["layers"]],
                     network_upper_bound=lip["network_upper_bound"],
+                    note=lip.get("note", ""),
+                    tolerance=lip.get("tolerance", 1e-8),
                 ),
                 remediation=m.get("remediation"),
                 checks=[CheckResult(**c) for c in m["checks"]],
