@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from inferlink_audit.attacks import FGSM, PGD, GaussianNoise, build_attack
+from inferlink_audit.attacks import FGSM, PGD, BoxLBFGS, GaussianNoise, build_attack
 from inferlink_audit.errors import UnsupportedError
 from inferlink_audit.spec import FGSMSpec, GaussianSpec, LBFGSSpec, PGDSpec
 
@@ -92,6 +92,48 @@ def test_gaussian_is_seeded_per_batch(linear):
     )
 
 
-def test_lbfgs_is_reported_unsupported_by_name():
-    with pytest.raises(UnsupportedError, match=r"lbfgs_next.*not supported yet"):
-        build_attack(LBFGSSpec(), (0.0, 1.0), 0)
+def _reachable_in_box(model: nn.Linear, target: int) -> bool:
+    """Whether some x in [0, 1]^d makes ``target`` the strict argmax (a linear program)."""
+    from scipy.optimize import linprog
+
+    w, b = model.weight.detach().double().numpy(), model.bias.detach().double().numpy()
+    others = [k for k in range(w.shape[0]) if k != target]
+    # maximise t subject to (w_k - w_target)·x + t <= b_target - b_k, 0 <= x <= 1
+    a_ub = [[*(w[k] - w[target]), 1.0] for k in others]
+    b_ub = [b[target] - b[k] for k in others]
+    res = linprog(
+        c=[0.0] * w.shape[1] + [-1.0],
+        A_ub=a_ub,
+        b_ub=b_ub,
+        bounds=[(0, 1)] * w.shape[1] + [(None, 1.0)],
+    )
+    return bool(res.status == 0 and -res.fun > 1e-3)
+
+
+@pytest.mark.parametrize("target", ["next", "random", 2])
+def test_lbfgs_reaches_its_target_inside_the_box_with_small_distortion(linear, target):
+    model, x, y = linear
+    attack = build_attack(LBFGSSpec(target=target, max_iter=30), (0.0, 1.0), 0)
+    assert isinstance(attack, BoxLBFGS)
+    out = attack(model, x, y)
+    assert out.adversarial.min() >= 0 and out.adversarial.max() <= 1
+    with torch.no_grad():
+        pred = model(out.adversarial).argmax(1)
+    wanted = attack._targets(y, 3, 0)
+    assert (wanted != y).all() if target != 2 else (wanted == 2).all()
+    hit = pred == wanted
+    reachable = torch.tensor([_reachable_in_box(model, int(t)) for t in wanted])
+    assert not (hit & ~reachable).any()  # never claims a target the box cannot give
+    # Szegedy's objective minimises cross-entropy, whose minimiser in the box need not make
+    # the target win even when a linear program says it can: most, not all, are reached.
+    assert hit.float().mean() >= 0.6
+    # examples that missed their target come back unchanged
+    assert torch.equal(out.adversarial[~hit], x[~hit])
+    # the c search keeps the smallest successful perturbation: well inside the box's diameter
+    assert (out.adversarial - x).flatten(1).norm(dim=1).max() < 6**0.5
+
+
+def test_lbfgs_target_class_must_exist(linear):
+    model, x, y = linear
+    with pytest.raises(UnsupportedError, match="target class 7 does not exist; the model has 3"):
+        build_attack(LBFGSSpec(target=7), (0.0, 1.0), 0)(model, x, y)
