@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property, partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,11 +27,19 @@ from . import __version__
 from .attacks import Attack, build_attack
 from .checks import PlannedCheck, evaluate_check, plan_checks
 from .data import load_dataset, validate_dataset
-from .devices import describe_device, deterministic_settings, resolve_device, seed_everything
-from .errors import UnsupportedError
+from .devices import (
+    describe_device,
+    deterministic_settings,
+    is_out_of_memory,
+    out_of_memory_error,
+    resolve_device,
+    seed_everything,
+)
+from .errors import AuditError, DataError, UnsupportedError
 from .filters import FilterName
-from .models import LoadedModel, load_model
+from .models import LoadedModel, check_batch, load_model
 from .prefix import NetworkSplitter
+from .remediation import safe_file_stem, selective_retrain
 from .results import (
     AttackResult,
     AuditResult,
@@ -41,7 +50,8 @@ from .results import (
     read_results,
 )
 from .scores import score_curves
-from .spec import AuditSpec
+from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
+from .spec_loader import locate_message, located_errors
 from .spectral import lipschitz_bounds
 from .sweep import AnalysedLayer, EvalData, Evaluator, frozen_parameters, select_layers, sweep_scope
 
@@ -73,6 +83,7 @@ class AuditSession:
         device: str | None = None,
         cache: SweepCache | None = None,
         on_variant: Callable[[str], None] | None = None,
+        output_dir: Path | None = None,
     ) -> None:
         self.spec = spec
         self.device_name = device or spec.device
@@ -85,30 +96,61 @@ class AuditSession:
         self._sweeps: dict[tuple[str, str], list[SweepResult]] = {}
         self._clean: float | None = None
         self._evaluators: dict[str, tuple[Evaluator, tuple[float, float]]] = {}
+        self._remediation: dict[str, Any] | None = None
+        self.output_dir = output_dir  # where remediated checkpoints go (default: report.dir)
 
     # ----------------------------------------------------------------- preparation
     @cached_property
     def prepared(self) -> _Prepared:
         t0 = time.perf_counter()
-        seed_everything(self.spec.seed)
-        device = resolve_device(self.device_name)
+        spec = self.spec
+        seed_everything(spec.seed)
+        # Every user-caused error below is prefixed with the spec's file, line and key.
+        with located_errors(spec, ("device",) if self.device_name == spec.device else ()):
+            device = resolve_device(self.device_name)
         settings = deterministic_settings(device)
-        dataset = load_dataset(self.spec.data)
-        loaded = load_model(
-            self.spec.model,
-            self.spec.data,
-            spec_dir=self.spec.spec_dir,
-            example_input=dataset.x[:1],
-        )
-        validate_dataset(
-            dataset,
-            num_outputs=loaded.num_outputs,
-            input_range=self.spec.data.input_range,
-            where=dataset.description,
-        )
-        loaded.module.to(device).eval()
-        data = EvalData(dataset.x.to(device), dataset.y.to(device), self.spec.data.batch_size)
-        layers = select_layers(loaded.inner, self.spec.filtering.layers)
+        with located_errors(spec, ("data",)):
+            dataset = load_dataset(spec.data)
+
+        def model_key(exc: AuditError) -> tuple[str, ...]:
+            checkpoint = spec.model.checkpoint
+            if isinstance(exc, DataError):
+                return ("data",)
+            if checkpoint is not None and str(checkpoint) in str(exc):
+                return ("model", "checkpoint")
+            return ("model", "factory")
+
+        with located_errors(spec, model_key):
+            loaded = load_model(
+                spec.model,
+                spec.data,
+                spec_dir=spec.spec_dir,
+                example_input=dataset.x[:1],
+            )
+        with located_errors(spec, ("data",)):
+            validate_dataset(
+                dataset,
+                num_outputs=loaded.num_outputs,
+                input_range=spec.data.input_range,
+                where=dataset.description,
+            )
+        try:
+            with located_errors(spec, ("data",)):
+                loaded.module.to(device).eval()
+                data = EvalData(dataset.x.to(device), dataset.y.to(device), spec.data.batch_size)
+                first = min(spec.data.batch_size, data.n)
+                check_batch(loaded.module, data.x[:first], data.y[:first], loaded.num_outputs)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory_error(
+                exc,
+                batch_size=spec.data.batch_size,
+                device=describe_device(device),
+                where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
+            ) from exc
+        with located_errors(spec, ("filtering", "layers")):
+            layers = select_layers(loaded.inner, spec.filtering.layers)
         self.timings["prepare"] = time.perf_counter() - t0
         return _Prepared(loaded, device, data, layers, settings)
 
@@ -170,6 +212,58 @@ class AuditSession:
             )
             self.timings[f"attack {attack_id}"] = time.perf_counter() - t0
         return self._attacks[attack_id]
+
+    # ----------------------------------------------------------------- remediation
+    def remediation(self) -> dict[str, Any] | None:
+        """Selective retraining (§1.7) when the spec asks for it, computed once."""
+        remediation = self.spec.remediation
+        if remediation is None:
+            return None
+        if self._remediation is None:
+            t0 = time.perf_counter()
+            p, spec = self.prepared, self.spec
+            settings = remediation.selective_retrain
+            assert spec.data.train is not None  # the spec validator guarantees it
+            train_set = load_dataset(spec.data.train)
+            validate_dataset(
+                train_set,
+                num_outputs=p.loaded.num_outputs,
+                input_range=spec.data.input_range,
+                where=train_set.description,
+            )
+            train = EvalData(
+                train_set.x.to(p.device), train_set.y.to(p.device), spec.data.batch_size
+            )
+            fragile: set[str] = set()
+            for f in spec.filtering.filters:
+                for a in spec.attack_specs:
+                    fragile |= {
+                        s.layer or ""
+                        for s in self.sweeps(f, a.id)
+                        if s.scope == "local" and getattr(s.labels, settings.response) == "fragile"
+                    }
+            names = [layer.name for layer in p.layers]
+            fgsm = next((a for a in spec.attack_specs if isinstance(a, FGSMSpec)), None)
+            mix = build_attack(
+                fgsm or FGSMSpec(eps=DEFAULT_FGSM_EPS), spec.data.input_range, spec.seed
+            )
+            relative = f"remediated/{safe_file_stem(spec.name)}.safetensors"
+            self._remediation = selective_retrain(
+                p.loaded.module,
+                inner_prefix="model.",
+                fragile_layers=[n for n in names if n in fragile],
+                trained_layers=[n for n in names if n not in fragile],
+                test=p.data,
+                train=train,
+                attack=self._attack(spec.attack_specs[0].id),
+                mix_attack=mix,
+                settings=settings,
+                seed=spec.seed,
+                checkpoint_path=Path(self.output_dir or spec.report.dir) / relative,
+                checkpoint_name=relative,
+            )
+            self.timings["remediation"] = time.perf_counter() - t0
+        return self._remediation
 
     # ----------------------------------------------------------------- spectral analysis
     @cached_property
@@ -368,11 +462,6 @@ class AuditSession:
     def model_result(self, checks: list[CheckResult]) -> ModelResult:
         """Everything the spec asks for, computing what no item has computed yet."""
         spec = self.spec
-        if spec.remediation is not None:
-            raise UnsupportedError(
-                "remediation (selective retraining) is validated but not supported yet in this "
-                "version; remove 'remediation' from the spec to run the audit."
-            )
         if spec.compare:
             raise UnsupportedError(
                 "compare is validated but not supported yet in this version; remove 'compare' "
@@ -394,7 +483,7 @@ class AuditSession:
             attacks=attacks,
             sweeps=sweeps,
             lipschitz=self.lipschitz,
-            remediation=None,
+            remediation=self.remediation(),
             checks=checks,
             spec_path=str(spec.source_path or ""),
             layers=[
@@ -431,10 +520,13 @@ def run_audit(
     device: str | None = None,
     cache: SweepCache | None = None,
     on_variant: Callable[[str], None] | None = None,
+    output_dir: Path | None = None,
 ) -> tuple[AuditResult, list[PlannedCheck], AuditSession]:
     """The whole audit of one spec: every check evaluated and every sweep computed."""
     t0 = time.perf_counter()
-    session = AuditSession(spec, device=device, cache=cache, on_variant=on_variant)
+    session = AuditSession(
+        spec, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir
+    )
     planned = plan_checks(spec)
     checks = [session.evaluate(p) for p in planned if p.check != "sweep"]
     model = session.model_result(checks)

@@ -18,7 +18,7 @@ from .spec import AuditSpec
 if TYPE_CHECKING:
     from .audit import AuditSession
 
-MODEL_CHECKS = ("min_clean_accuracy", "max_lipschitz_upper_bound")
+MODEL_CHECKS = ("min_clean_accuracy", "max_lipschitz_upper_bound", "min_adversarial_gain")
 ATTACK_CHECKS = ("min_adversarial_accuracy",)
 SWEEP_CHECKS = (
     "max_fragile_fraction",
@@ -43,6 +43,11 @@ class PlannedCheck:
 
 
 def _limit(spec: AuditSpec, key: str) -> float | None:
+    if key == "min_adversarial_gain":
+        if spec.remediation is None:
+            return None
+        gain = spec.remediation.selective_retrain.min_adversarial_gain
+        return None if gain is None else float(gain)
     value = getattr(spec.checks, key)
     if key == "max_fragile_fraction":
         return None if value is None else float(value.value)
@@ -58,9 +63,12 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
     for key in MODEL_CHECKS:
         limit = _limit(spec, key)
         if limit is not None:
-            planned.append(
-                PlannedCheck(key, key, None, None, limit, spec.line_of("checks", key), spec.name)
+            line = (
+                spec.line_of("remediation", "selective_retrain", key)
+                if key == "min_adversarial_gain"
+                else spec.line_of("checks", key)
             )
+            planned.append(PlannedCheck(key, key, None, None, limit, line, spec.name))
     for key in ATTACK_CHECKS:
         limit = _limit(spec, key)
         if limit is not None:
@@ -140,6 +148,17 @@ def evaluate_check(planned: PlannedCheck, session: AuditSession) -> CheckResult:
             + f" (largest layers: {', '.join(f'{x.layer} {x.upper_bound:.3g}' for x in worst)})"
         )
         layers = [] if passed else layers
+    elif key == "min_adversarial_gain":
+        remediation = session.remediation() or {}
+        selective, control = remediation["selective"], remediation["control"]
+        measured = selective["adversarial_after"] - selective["adversarial_before"]
+        control_gain = control["adversarial_after"] - control["adversarial_before"]
+        passed = measured >= limit
+        detail = (
+            f"selective retraining adversarial gain {measured:+.4f} "
+            f"{'>=' if passed else '<'} min {limit:+.4f} (control: {control_gain:+.4f}; "
+            f"frozen: {', '.join(remediation['frozen_layers']) or 'none'})"
+        )
     elif key == "min_adversarial_accuracy":
         attack = session.attack_result(planned.attack or "")
         measured = attack.accuracy

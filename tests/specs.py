@@ -33,7 +33,7 @@ def digits_spec(**overrides: object) -> dict[str, object]:
     return spec
 
 
-def write_spec(folder: Path, name: str = "audit.yaml", **overrides: object) -> Path:
-    path = folder / name
+def write_spec(folder: Path, filename: str = "audit.yaml", **overrides: object) -> Path:
+    path = folder / filename
     path.write_text(yaml.safe_dump(digits_spec(**overrides), sort_keys=False))
     return path

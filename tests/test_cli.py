@@ -71,7 +71,7 @@ def test_missing_spec_exits_2(tmp_path, capsys):
 
 
 def test_unsupported_feature_is_named(tmp_path, capsys):
-    write_spec(tmp_path, name="other.yaml")
+    write_spec(tmp_path, filename="other.yaml")
     spec = write_spec(tmp_path, compare=["other.yaml"])
     assert main(["run", str(spec), "--out", str(tmp_path / "o")]) == 2
     assert "not supported yet" in capsys.readouterr().err
