@@ -26,6 +26,7 @@ import torch
 from . import __version__
 from .attacks import Attack, build_attack
 from .checks import PlannedCheck, evaluate_check, plan_checks
+from .compare import label_consistency, transferability
 from .data import load_dataset, validate_dataset
 from .devices import (
     describe_device,
@@ -35,7 +36,7 @@ from .devices import (
     resolve_device,
     seed_everything,
 )
-from .errors import AuditError, DataError, UnsupportedError
+from .errors import AuditError, DataError, SpecError
 from .filters import FilterName
 from .models import LoadedModel, check_batch, load_model
 from .prefix import NetworkSplitter
@@ -51,7 +52,7 @@ from .results import (
 )
 from .scores import score_curves
 from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
-from .spec_loader import locate_message, located_errors
+from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
 from .sweep import AnalysedLayer, EvalData, Evaluator, frozen_parameters, select_layers, sweep_scope
 
@@ -462,11 +463,6 @@ class AuditSession:
     def model_result(self, checks: list[CheckResult]) -> ModelResult:
         """Everything the spec asks for, computing what no item has computed yet."""
         spec = self.spec
-        if spec.compare:
-            raise UnsupportedError(
-                "compare is validated but not supported yet in this version; remove 'compare' "
-                "from the spec to run the audit."
-            )
         attacks = [self.attack_result(a.id) for a in spec.attack_specs]
         sweeps = [
             s
@@ -524,11 +520,26 @@ def run_audit(
 ) -> tuple[AuditResult, list[PlannedCheck], AuditSession]:
     """The whole audit of one spec: every check evaluated and every sweep computed."""
     t0 = time.perf_counter()
-    session = AuditSession(
-        spec, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir
-    )
+    sessions = [
+        AuditSession(s, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir)
+        for s in [spec, *(load_spec(path) for path in spec.compare)]
+    ]
+    names = [s.spec.name for s in sessions]
+    if len(set(names)) != len(names):
+        raise SpecError(
+            f"{spec.source_path}: compare: the compared specs must have different names, got "
+            f"{names}; rename one of them."
+        )
     planned = plan_checks(spec)
-    checks = [session.evaluate(p) for p in planned if p.check != "sweep"]
-    model = session.model_result(checks)
-    result = AuditResult(meta=session.meta(time.perf_counter() - t0), models=[model])
-    return result, planned, session
+    models = []
+    for session in sessions:
+        plan = planned if session is sessions[0] else plan_checks(session.spec)
+        checks = [session.evaluate(p) for p in plan if p.check != "sweep"]
+        models.append(session.model_result(checks))
+    meta = sessions[0].meta(time.perf_counter() - t0)
+    consistency = None
+    if len(sessions) > 1:
+        consistency = label_consistency(models)
+        consistency["transfer"] = transferability(sessions)
+    result = AuditResult(meta=meta, models=models, consistency=consistency)
+    return result, planned, sessions[0]

@@ -575,13 +575,38 @@ def _consistency_view(data: dict[str, Any] | None, models: list[str]) -> dict[st
                 "layer": entry.get("layer"),
                 "filter": entry.get("filter"),
                 "response": entry.get("response"),
+                "attack": entry.get("attack", ""),
                 "cells": [
                     (labels.get(n), _LABEL_INITIAL.get(str(labels.get(n)), "")) for n in names
                 ],
                 "agree": len(distinct) <= 1,
             }
         )
-    return {"agreement": fmt_pct(data.get("agreement")), "models": names, "rows": rows}
+    transfer = data.get("transfer") or []
+    sources = list(dict.fromkeys(t["source"] for t in transfer))
+    targets = list(dict.fromkeys(t["target"] for t in transfer))
+    by_key = {(t["attack"], t["source"], t["target"]): t["accuracy"] for t in transfer}
+    transfer_rows = [
+        {
+            "attack": attack,
+            "source": source,
+            "cells": [
+                (fmt_pct(by_key.get((attack, source, target))), source == target)
+                for target in targets
+            ],
+        }
+        for attack in dict.fromkeys(t["attack"] for t in transfer)
+        for source in sources
+        if any((attack, source, target) in by_key for target in targets)
+    ]
+    return {
+        "agreement": fmt_pct(data.get("agreement")),
+        "note": data.get("note", ""),
+        "models": names,
+        "rows": rows,
+        "transfer_targets": targets,
+        "transfer_rows": transfer_rows,
+    }
 
 
 # --------------------------------------------------------------------------- rendering
