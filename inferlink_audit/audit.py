@@ -333,6 +333,7 @@ class AuditSession:
                 source,
                 splitter=self.splitter,
                 prefix_budget=self.spec.filtering.prefix_cache_mb << 20,
+                fast=self.spec.filtering.fast,
             )
             self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
         return self._evaluators[attack_id]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -139,6 +139,37 @@ class _PrefixCache:
     graphs: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] | None = None
 
 
+@dataclass
+class BatchedSuffix:
+    """Several filtered variants of one layer per pass (``filtering.fast``): the suffix runs
+    under ``torch.func.vmap`` over stacked copies of the layer's weights, on cached inputs."""
+
+    suffix: nn.Module
+    names: list[str]  # the scope tensors' names inside ``suffix``
+    fixed: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+    labels: list[torch.Tensor]
+    n: int
+    chunk: int  # variants per pass, bounded by the memory budget
+
+    def __call__(self, stacks: list[torch.Tensor]) -> list[tuple[float, float]]:
+        count = stacks[0].shape[0]
+        clean = torch.zeros(count, dtype=torch.long)
+        adversarial = torch.zeros(count, dtype=torch.long)
+
+        def logits(live: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            def one(*weights: torch.Tensor) -> torch.Tensor:
+                params = dict(zip(self.names, weights, strict=True))
+                return torch.func.functional_call(self.suffix, params, live)
+
+            return torch.func.vmap(one)(*stacks)
+
+        with torch.no_grad():
+            for (live_clean, live_adv), yb in zip(self.fixed, self.labels, strict=True):
+                clean += (logits(live_clean).argmax(-1) == yb).sum(1).cpu()
+                adversarial += (logits(live_adv).argmax(-1) == yb).sum(1).cpu()
+        return [(int(c) / self.n, int(a) / self.n) for c, a in zip(clean, adversarial, strict=True)]
+
+
 class Evaluator:
     """Clean and adversarial accuracy of the network as its weights are *now*.
 
@@ -160,9 +191,10 @@ class Evaluator:
         *,
         splitter: NetworkSplitter | None = None,
         prefix_budget: int = 0,
+        fast: bool = False,
     ) -> None:
         self.model, self.data, self.attack = model, data, attack
-        self.splitter, self.prefix_budget = splitter, prefix_budget
+        self.splitter, self.prefix_budget, self.fast = splitter, prefix_budget, fast
         self.fixed_adversarial: list[torch.Tensor] | None = None
         if source == "original" or not attack.model_dependent:
             self.fixed_adversarial = [
@@ -214,7 +246,35 @@ class Evaluator:
         cache.graphs = graphs
         return cache
 
+    def batched_evaluation(self, tensors: list[torch.Tensor]) -> BatchedSuffix | None:
+        """A vmapped evaluator for the scope ``tensors`` when ``fast`` and the inputs of the
+        focused suffix are fixed (``adversarial_source: original`` or noise); else None."""
+        prefix = self._prefix
+        if not self.fast or prefix is None or prefix.fixed is None:
+            return None
+        by_identity = {id(p): name for name, p in prefix.suffix.named_parameters()}
+        names = [by_identity.get(id(t)) for t in tensors]
+        if any(name is None for name in names):
+            return None
+        per_batch = 2 * live_bytes(prefix.fixed[0][0]) + sum(
+            t.numel() * t.element_size() for t in tensors
+        )
+        chunk = int(max(1, min(64, self.prefix_budget // max(1, 8 * per_batch))))
+        labels = [yb for _, _, yb in self.data.batches()]
+        return BatchedSuffix(prefix.suffix, names, prefix.fixed, labels, self.data.n, chunk)  # type: ignore[arg-type]
+
     def evaluate(self) -> tuple[float, float]:
+        with self._autocast():
+            return self._evaluate()
+
+    def _autocast(self) -> Any:
+        """bf16 autocast on CUDA under ``fast`` (an approximation, off by default)."""
+        device = self.data.x.device
+        if self.fast and device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _evaluate(self) -> tuple[float, float]:
         clean = adversarial = 0
         prefix = self._prefix
         for index, xb, yb in self.data.batches():
@@ -275,9 +335,8 @@ class _Scope:
     def _split(
         self, flat_index: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for t, orig, lo, hi in zip(
-            self.tensors, self.originals, self.offsets, self.offsets[1:], strict=False
-        ):
+        offsets = zip(self.offsets, self.offsets[1:], strict=False)
+        for t, orig, (lo, hi) in zip(self.tensors, self.originals, offsets, strict=True):
             if len(self.tensors) == 1:
                 local = flat_index
             else:
@@ -292,6 +351,18 @@ class _Scope:
     def restore(self, flat_index: torch.Tensor) -> None:
         for flat, orig, local in self._split(flat_index):
             flat[local] = orig[local]
+
+    def stacked_variants(self, flat_indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per tensor, a stack of filtered copies (one per index set), for batched evaluation."""
+        stacks = []
+        for orig, lo, hi in zip(self.originals, self.offsets, self.offsets[1:], strict=False):
+            variants = orig.unsqueeze(0).repeat(len(flat_indices), *([1] * orig.dim()))
+            flat = variants.view(len(flat_indices), -1)
+            for k, index in enumerate(flat_indices):
+                local = index[(index >= lo) & (index < hi)] - lo
+                flat[k, local] = 0
+            stacks.append(variants)
+        return stacks
 
     def restore_all_and_verify(self, where: str) -> None:
         for t, orig in zip(self.tensors, self.originals, strict=True):
@@ -327,33 +398,36 @@ def sweep_scope(
     delta = pulse_half_width(vmin, vmax, thresholds)
     ordering = SortedScope.from_values(flat_values)
     order = ordering.order.to(tensors[0].device)
+    intervals = [ordering.interval(filter_name, float(alpha), delta) for alpha in grid]
+    distinct = list(dict.fromkeys(iv for iv in intervals if iv[1] > iv[0]))
     scope = _Scope(tensors)
     seen: dict[tuple[int, int], tuple[float, float]] = {}
-    applied: tuple[int, int] | None = None
-    clean: list[float] = []
-    adversarial: list[float] = []
-    removed: list[float] = []
     try:
-        for alpha in grid:
-            start, stop = ordering.interval(filter_name, float(alpha), delta)
-            removed.append((stop - start) / ordering.numel)
-            if stop == start:
-                response = unfiltered
-            elif (start, stop) in seen:
-                response = seen[(start, stop)]
-            else:
+        batched = evaluator.batched_evaluation(tensors)
+        if batched is not None:
+            for chunk_start in range(0, len(distinct), batched.chunk):
+                chunk = distinct[chunk_start : chunk_start + batched.chunk]
+                stacks = scope.stacked_variants([order[a:b] for a, b in chunk])
+                for iv, response in zip(chunk, batched(stacks), strict=True):
+                    seen[iv] = response
+                    if on_variant is not None:
+                        on_variant()
+        else:
+            applied: tuple[int, int] | None = None
+            for start, stop in distinct:
                 if applied is not None:
                     scope.restore(order[applied[0] : applied[1]])
                 scope.zero(order[start:stop])
                 applied = (start, stop)
-                response = evaluator.evaluate()
-                seen[(start, stop)] = response
+                seen[(start, stop)] = evaluator.evaluate()
                 if on_variant is not None:
                     on_variant()
-            clean.append(response[0])
-            adversarial.append(response[1])
     finally:
         scope.restore_all_and_verify(where or "sweep")
+    responses = [seen.get(iv, unfiltered) for iv in intervals]
+    clean = [r[0] for r in responses]
+    adversarial = [r[1] for r in responses]
+    removed = [(stop - start) / ordering.numel for start, stop in intervals]
     return Curves(
         thresholds=[float(a) for a in grid],
         removed_fraction=removed,
