@@ -1,0 +1,105 @@
+"""Finished sweeps kept on disk between runs, so re-running an unchanged audit is cheap.
+
+A cache is only worth having if it can never make an audit wrong. Each entry is one JSON
+file, written atomically, that stores its key and a SHA-256 of its payload; an entry that
+cannot be read, does not parse, names another key or fails its checksum is deleted and
+reported as a miss, so the sweep is recomputed rather than trusted. The key itself (see
+``AuditSession.cache_key``) covers the checkpoint hash, everything in the spec that changes a
+sweep, and the library and torch versions, so a stale entry is simply never looked up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .fileio import atomic_write_text
+from .results import SweepResult, _sweep_from_dict
+
+__all__ = ["CACHE_FORMAT", "DiskSweepCache"]
+
+CACHE_FORMAT = "inferlink-audit/sweep-cache/v1"
+_SAFE_NAME = re.compile(r"^[0-9a-f]{16,128}$")
+
+
+class DiskSweepCache:
+    """The ``SweepCache`` protocol on a folder: one checksummed JSON file per key.
+
+    ``hits`` and ``misses`` count lookups (a discarded corrupt entry counts as a miss and in
+    ``discarded``); ``write_errors`` counts entries that could not be stored, which only costs
+    a recomputation next time and therefore never fails the audit.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.hits = 0
+        self.misses = 0
+        self.discarded = 0
+        self.write_errors = 0
+
+    def path_for(self, key: str) -> Path:
+        """Where ``key``'s entry lives; keys that are not plain hex digests are hashed first."""
+        name = key if _SAFE_NAME.match(key) else hashlib.sha256(key.encode()).hexdigest()
+        return self.folder / f"{name}.json"
+
+    def get(self, key: str) -> list[SweepResult] | None:
+        path = self.path_for(key)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (OSError, UnicodeDecodeError):
+            self._discard(path)
+            return None
+        sweeps = _decode(text, key)
+        if sweeps is None:
+            self._discard(path)
+            return None
+        self.hits += 1
+        return sweeps
+
+    def put(self, key: str, sweeps: list[SweepResult]) -> None:
+        # NaN is allowed on purpose: a score can be undefined, and Python reads it back exactly.
+        body = json.dumps([asdict(s) for s in sweeps], sort_keys=True, separators=(",", ":"))
+        entry = {"format": CACHE_FORMAT, "key": key, "sha256": _digest(body), "payload": body}
+        try:
+            atomic_write_text(self.path_for(key), json.dumps(entry) + "\n")
+        except OSError:
+            self.write_errors += 1
+
+    def _discard(self, path: Path) -> None:
+        self.misses += 1
+        self.discarded += 1
+        # An entry that cannot be deleted is still never trusted: the next get discards it again.
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _decode(text: str, key: str) -> list[SweepResult] | None:
+    """The entry's sweeps, or None when anything about it is not exactly what ``put`` wrote."""
+    try:
+        entry: Any = json.loads(text)
+        if not isinstance(entry, dict) or entry.get("format") != CACHE_FORMAT:
+            return None
+        body = entry.get("payload")
+        if entry.get("key") != key or not isinstance(body, str):
+            return None
+        if entry.get("sha256") != _digest(body):
+            return None
+        items = json.loads(body)
+        if not isinstance(items, list):
+            return None
+        return [_sweep_from_dict(item) for item in items]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None

@@ -1,0 +1,352 @@
+"""What one item measured, as JSON, and one ``AuditResult`` assembled from many items.
+
+An item's payload holds everything it used (its check, the sweeps and attack behind it, the
+unfiltered model's numbers and the session's metadata), so the controller can rebuild the
+result without the worker's session. Items that share a sweep each carry a copy; assembly
+keeps the first in plan order, which makes the result independent of which process ran
+what and in which order: a serial run and an xdist run give the same ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from inferlink_audit.checks import SWEEP_ONLY, PlannedCheck, failure_line
+from inferlink_audit.errors import AuditError
+from inferlink_audit.results import SCHEMA, AuditResult, CheckResult, SweepResult, result_from_dict
+
+if TYPE_CHECKING:
+    from inferlink_audit.audit import AuditSession
+    from inferlink_audit.spec import AuditSpec
+
+__all__ = [
+    "PAYLOAD_VERSION",
+    "SpecStats",
+    "assemble_result",
+    "build_payload",
+    "check_properties",
+    "error_check",
+    "failure_lines",
+    "spec_stats",
+]
+
+PAYLOAD_VERSION = 1
+_RESPONSES = ("clean", "adversarial", "difference")
+
+
+# --------------------------------------------------------------------------- on the item's side
+def error_check(planned: PlannedCheck, exc: BaseException) -> CheckResult:
+    """An item that could not measure still shows in the report, as a failed check."""
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    if not isinstance(exc, AuditError):
+        message = f"{type(exc).__name__}: {message}"
+    return CheckResult(
+        id=planned.id,
+        passed=False,
+        measured=math.nan,
+        limit=planned.limit,
+        detail=f"error: {message}",
+        check=planned.check,
+        line=planned.line,
+    )
+
+
+def _local_sweeps(session: AuditSession, planned: PlannedCheck) -> dict[str, SweepResult]:
+    """The item's local sweeps by layer; only called once its evaluation computed them."""
+    if planned.filter is None or planned.attack is None:
+        return {}
+    sweeps = session.sweeps(planned.filter, planned.attack)
+    return {s.layer: s for s in sweeps if s.scope == "local" and s.layer is not None}
+
+
+def check_properties(
+    planned: PlannedCheck, result: CheckResult | None, session: AuditSession
+) -> list[tuple[str, object]]:
+    """JUnit ``<property>`` entries: the numbers CI tools read, and the culprits' scores."""
+    props: list[tuple[str, object]] = [("check", planned.id)]
+    if result is None:
+        return props
+    if planned.check == SWEEP_ONLY:
+        return [*props, ("passed", result.passed)]
+    props += [("measured", result.measured), ("limit", result.limit), ("passed", result.passed)]
+    if result.detail.startswith("error: "):
+        props.append(("error", result.detail.removeprefix("error: ")))
+    elif not result.passed and result.layers:
+        by_layer = _local_sweeps(session, planned)
+        for name in result.layers:
+            sweep = by_layer.get(name)
+            if sweep is not None:
+                for response in _RESPONSES:
+                    value = round(getattr(sweep.scores, response), 6)
+                    props.append((f"score:{name}:{response}", value))
+    return props
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
+
+
+def failure_lines(
+    result: CheckResult, planned: PlannedCheck, spec: AuditSpec, session: AuditSession
+) -> list[str]:
+    """The failure's text: the one-line verdict first, then what was measured and why."""
+    lines = [
+        failure_line(result, planned, spec),
+        f"  check:    {planned.check} ({planned.id})",
+        f"  measured: {_num(result.measured)}",
+        f"  limit:    {_num(result.limit)}",
+    ]
+    if planned.check == "min_adversarial_accuracy" and planned.attack is not None:
+        attack = session.attack_result(planned.attack)
+        lines.append(
+            f"  attack:   {spec.attack(attack.id).label} on {session.prepared.data.n} examples: "
+            f"success rate {attack.success_rate:.4f}, distortion rms {attack.distortion_rms:.4f}, "
+            f"linf {attack.distortion_linf:.4f}"
+        )
+    if planned.check == "max_lipschitz_upper_bound":
+        bounds = sorted(session.lipschitz.layers, key=lambda layer: -layer.upper_bound)
+        lines.append("  layer Lipschitz upper bounds, largest first:")
+        lines += [f"    {layer.layer}  {layer.upper_bound:.4g}" for layer in bounds[:6]]
+    elif result.layers:
+        by_layer = _local_sweeps(session, planned)
+        width = max(len(name) for name in result.layers)
+        lines.append(
+            "  layers (scores clean / adversarial / difference, labels clean / adversarial):"
+        )
+        for name in result.layers:
+            s = by_layer.get(name)
+            if s is None:
+                lines.append(f"    {name}")
+                continue
+            lines.append(
+                f"    {name:<{width}}  {s.scores.clean:+.3f} / {s.scores.adversarial:+.3f} / "
+                f"{s.scores.difference:+.3f}  {s.labels.clean} / {s.labels.adversarial}"
+                f"{', targeted' if s.targeted else ''}  ({s.numel} weights)"
+            )
+    return lines
+
+
+def _model_info(session: AuditSession) -> dict[str, Any] | None:
+    # functools.cached_property keeps a computed value in the instance dict; checking it
+    # avoids loading (or re-trying to load) a model just to describe it after an error.
+    if "prepared" not in vars(session):
+        return None
+    prepared = session.prepared
+    spec = session.spec
+    clean = math.nan
+    with contextlib.suppress(AuditError):
+        clean = session.clean_accuracy()
+    # Spectral bounds cost more than an item that does not assert on them should pay: they
+    # are reported when the spec's max_lipschitz_upper_bound check computed them.
+    lipschitz = asdict(session.lipschitz) if "lipschitz" in vars(session) else None
+    return {
+        "name": spec.name,
+        "checkpoint_sha256": prepared.loaded.checkpoint_sha256,
+        "n_examples": prepared.data.n,
+        "clean_accuracy": clean,
+        "spec_path": str(spec.source_path or ""),
+        "layers": [
+            {"name": layer.name, "type": layer.type, "numel": layer.numel}
+            for layer in prepared.layers
+        ],
+        "tolerance": spec.filtering.tolerance,
+        "values": spec.filtering.values,
+        "adversarial_source": spec.filtering.adversarial_source,
+        "lipschitz": lipschitz,
+    }
+
+
+def build_payload(
+    *,
+    spec: AuditSpec,
+    spec_index: int,
+    planned: PlannedCheck,
+    plan_index: int,
+    session: AuditSession,
+    result: CheckResult | None,
+    error: BaseException | None,
+    computed: bool,
+    from_cache: bool,
+    session_id: str,
+    seq: int,
+) -> str:
+    """Everything the item measured or used, as JSON (NaN allowed: Python reads it back)."""
+    model = _model_info(session)
+    attacks: list[dict[str, Any]] = []
+    sweeps: list[dict[str, Any]] = []
+    if error is None and planned.attack is not None:
+        # The attack on the unfiltered network is cheap next to a sweep, and the report's
+        # attack table needs it even where no check asserts on it.
+        with contextlib.suppress(AuditError):
+            attacks.append(asdict(session.attack_result(planned.attack)))
+        if planned.filter is not None:
+            sweeps = [asdict(s) for s in session.sweeps(planned.filter, planned.attack)]
+    if planned.check == SWEEP_ONLY:
+        check = None
+    elif result is not None:
+        check = asdict(result)
+    else:
+        check = asdict(error_check(planned, error or RuntimeError("no result")))
+    if error is not None:
+        outcome = "error"
+    else:
+        outcome = "passed" if result is not None and result.passed else "failed"
+    group = [[planned.filter, planned.attack]]
+    payload = {
+        "version": PAYLOAD_VERSION,
+        "spec": str(spec.source_path or ""),
+        "spec_index": spec_index,
+        "spec_name": spec.name,
+        "plan_index": plan_index,
+        "check_id": planned.id,
+        "filters": list(spec.filtering.filters),
+        "attack_order": [attack.id for attack in spec.attack_specs],
+        "model": model,
+        "attacks": attacks,
+        "sweeps": sweeps,
+        "check": check,
+        "meta": session.meta(0.0) if model is not None else None,
+        "outcome": outcome,
+        "computed": group if computed else [],
+        "cached": group if from_cache else [],
+        "session": session_id,
+        "seq": seq,
+    }
+    return json.dumps(payload)
+
+
+# --------------------------------------------------------------------------- on the controller
+@dataclass(frozen=True)
+class SpecStats:
+    """One spec's items in this run: outcomes and where its sweeps came from."""
+
+    name: str
+    spec: str
+    passed: int
+    failed: int
+    errors: int
+    computed: int
+    from_cache: int
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.failed == 0 and self.errors == 0 else "FAIL"
+
+
+def _by_spec(payloads: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for payload in payloads:
+        groups.setdefault((payload["spec_index"], payload["spec"]), []).append(payload)
+    return [
+        sorted(groups[key], key=lambda p: (p["plan_index"], p["check_id"]))
+        for key in sorted(groups)
+    ]
+
+
+def spec_stats(payloads: list[dict[str, Any]]) -> list[SpecStats]:
+    stats = []
+    for items in _by_spec(payloads):
+        outcomes = [p["outcome"] for p in items]
+        stats.append(
+            SpecStats(
+                name=items[0]["spec_name"],
+                spec=items[0]["spec"],
+                passed=outcomes.count("passed"),
+                failed=outcomes.count("failed"),
+                errors=outcomes.count("error"),
+                # A sweep is computed by the one item that first needs it in its process,
+                # so summing counts every computation, duplicates across workers included.
+                computed=sum(len(p["computed"]) for p in items),
+                from_cache=sum(len(p["cached"]) for p in items),
+            )
+        )
+    return stats
+
+
+def _index(order: list[str], value: str) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), value)
+
+
+def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The model's entry of results.json (its JSON form), from the items of one spec."""
+    infos = [p["model"] for p in items if p["model"] is not None]
+    if not infos:
+        return None  # the model never loaded: nothing was measured
+    filters: list[str] = items[0]["filters"]
+    attack_order: list[str] = items[0]["attack_order"]
+    attacks: dict[str, dict[str, Any]] = {}
+    sweep_groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for payload in items:
+        for attack in payload["attacks"]:
+            attacks.setdefault(attack["id"], attack)
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for sweep in payload["sweeps"]:
+            groups.setdefault((sweep["filter"], sweep["attack"]), []).append(sweep)
+        for key, sweeps in groups.items():
+            sweep_groups.setdefault(key, sweeps)  # the engine's order: local in model order, global
+    ordered_groups = sorted(
+        sweep_groups, key=lambda k: (_index(filters, k[0]), _index(attack_order, k[1]))
+    )
+    model = {key: value for key, value in infos[0].items() if key != "lipschitz"}
+    return {
+        **model,
+        "attacks": [attacks[key] for key in sorted(attacks, key=lambda a: _index(attack_order, a))],
+        "sweeps": [s for key in ordered_groups for s in sweep_groups[key]],
+        "lipschitz": next((i["lipschitz"] for i in infos if i["lipschitz"] is not None), None),
+        "remediation": None,
+        "checks": [p["check"] for p in items if p["check"] is not None],
+    }
+
+
+def _meta(specs: list[list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
+    """The first spec's metadata; timing fields merged over every session that ran."""
+    with_meta = [[p for p in items if p["meta"] is not None] for items in specs]
+    with_meta = [items for items in with_meta if items]
+    meta = dict(with_meta[0][0]["meta"])
+    latest: dict[str, dict[str, Any]] = {}
+    for items in with_meta:
+        for payload in items:
+            known = latest.get(payload["session"])
+            if known is None or payload["seq"] > known["seq"]:
+                latest[payload["session"]] = payload
+    timings: dict[str, float] = {}
+    prefix = len(with_meta) > 1
+    for payload in latest.values():
+        for key, value in payload["meta"].get("timings", {}).items():
+            name = f"{payload['spec_name']}: {key}" if prefix else key
+            timings[name] = round(timings.get(name, 0.0) + value, 3)
+    meta["started"] = min(p["meta"]["started"] for items in with_meta for p in items)
+    meta["seconds"] = round(seconds, 3)
+    meta["timings"] = dict(sorted(timings.items()))
+    meta["runner"] = "pytest"
+    if prefix:
+        meta["specs"] = [
+            {
+                "name": items[0]["spec_name"],
+                "spec": items[0]["meta"].get("spec", ""),
+                "spec_sha256": items[0]["meta"].get("spec_sha256", ""),
+            }
+            for items in with_meta
+        ]
+    return meta
+
+
+def assemble_result(payloads: list[dict[str, Any]], *, seconds: float) -> AuditResult | None:
+    """One result from every item's payload, or None when no model was ever loaded."""
+    specs = _by_spec(payloads)
+    models: list[dict[str, Any]] = []
+    measured: list[list[dict[str, Any]]] = []
+    for items in specs:
+        model = _model(items)
+        if model is not None:
+            models.append(model)
+            measured.append(items)
+    if not models:
+        return None
+    # Through the library's own reader, so the result is exactly what results.json holds.
+    return result_from_dict({"schema": SCHEMA, "meta": _meta(measured, seconds), "models": models})

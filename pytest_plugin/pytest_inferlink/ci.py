@@ -1,0 +1,118 @@
+"""What a person reads at the end of a run: the terminal section and the CI step summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inferlink_audit.results import AuditResult, ModelResult
+
+from .assemble import SpecStats
+
+__all__ = ["step_summary", "terminal_lines"]
+
+_WORST_LAYERS = 3
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def terminal_lines(
+    stats: list[SpecStats],
+    collect_errors: dict[str, str],
+    written: list[Path],
+    problems: list[str],
+) -> list[str]:
+    """Per spec its verdict and where its sweeps came from; the report's path comes last."""
+    lines = []
+    for s in stats:
+        counts = f"{s.passed} passed, {s.failed} failed" + (
+            f", {s.errors} errors" if s.errors else ""
+        )
+        lines.append(
+            f"{s.name} ({Path(s.spec).name}): {s.verdict}: {counts}; "
+            f"{s.computed} sweeps computed, {s.from_cache} from cache"
+        )
+    for nodeid, message in collect_errors.items():
+        lines.append(f"{nodeid}: not collected: {_first_line(message)}")
+    lines.extend(problems)
+    if written:
+        lines.extend(f"{path.stem}: {path}" for path in written[:-1])
+        lines.append(f"report: {written[-1]}")
+    return lines
+
+
+def _cell(text: object) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _number(value: float) -> str:
+    if value != value:  # NaN: the check could not measure
+        return "–"
+    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
+
+
+def _worst_layers(model: ModelResult) -> list[str]:
+    local = [s for s in model.sweeps if s.scope == "local"]
+    worst = sorted(local, key=lambda s: s.scores.adversarial)[:_WORST_LAYERS]
+    if not worst:
+        return []
+    rows = [
+        "| layer | filter | attack | score clean | score adversarial | labels clean / adversarial |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in worst:
+        rows.append(
+            f"| `{_cell(s.layer)}` | {s.filter} | {s.attack} | {s.scores.clean:+.3f} | "
+            f"{s.scores.adversarial:+.3f} | {s.labels.clean} / {s.labels.adversarial}"
+            f"{' (targeted)' if s.targeted else ''} |"
+        )
+    return ["", "Worst layers (lowest adversarial score):", "", *rows]
+
+
+def step_summary(
+    result: AuditResult | None,
+    stats: list[SpecStats],
+    report: Path | None,
+    collect_errors: dict[str, str],
+) -> str:
+    """Markdown for ``$GITHUB_STEP_SUMMARY``: a verdict per check, the worst layers, the report."""
+    failed = any(s.verdict != "PASS" for s in stats) or bool(collect_errors)
+    out = ["", f"## inferlink-audit: {'FAIL' if failed else 'PASS'}"]
+    by_spec = {s.spec: s for s in stats}
+    for model in result.models if result is not None else []:
+        s = by_spec.get(model.spec_path)
+        verdict = (
+            s.verdict
+            if s is not None
+            else ("PASS" if all(c.passed for c in model.checks) else "FAIL")
+        )
+        out += ["", f"### {'✅' if verdict == 'PASS' else '❌'} {_cell(model.name)}: {verdict}", ""]
+        facts = [f"`{Path(model.spec_path).name}`", f"{model.n_examples} examples"]
+        if model.clean_accuracy == model.clean_accuracy:
+            facts.append(f"clean accuracy {model.clean_accuracy:.2%}")
+        if s is not None:
+            facts.append(f"{s.computed} sweeps computed, {s.from_cache} from cache")
+        out.append(" · ".join(facts))
+        if model.checks:
+            out += [
+                "",
+                "| check | verdict | measured | limit | detail |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for check in model.checks:
+                mark = "✅ pass" if check.passed else "❌ fail"
+                out.append(
+                    f"| `{_cell(check.id)}` | {mark} | {_number(check.measured)} | "
+                    f"{_number(check.limit)} | {_cell(check.detail)} |"
+                )
+        out += _worst_layers(model)
+    if collect_errors:
+        out += ["", "Specs that could not be collected:", ""]
+        out += [
+            f"- `{_cell(node)}`: {_cell(_first_line(msg))}" for node, msg in collect_errors.items()
+        ]
+    if report is not None:
+        out += ["", f"Report: `{report}` (numbers: `{report.with_name('results.json')}`)"]
+    return "\n".join(out) + "\n"

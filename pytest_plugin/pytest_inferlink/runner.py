@@ -1,0 +1,199 @@
+"""The audit plugin object: collects specs, runs their sessions, and reports at the end.
+
+Items measure; the controller reports. Each item attaches what it measured (JSON) to its
+call report, the controller gathers those in ``pytest_runtest_logreport`` and, at session
+finish, builds one ``AuditResult`` from them. Serial runs and xdist runs take exactly the
+same path (on xdist the reports merely travel from the workers first), so both write the
+same ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .stash import SESSIONS_KEY
+
+if TYPE_CHECKING:
+    from inferlink_audit.audit import AuditSession
+    from inferlink_audit.cache import DiskSweepCache
+    from inferlink_audit.results import AuditResult
+    from inferlink_audit.spec import AuditSpec
+
+    from .assemble import SpecStats
+    from .items import SpecFile
+
+__all__ = ["REPORT_ATTR", "STEP_SUMMARY_ENV", "AuditPlugin"]
+
+# The report attribute that carries an item's measurements from a worker to the controller.
+REPORT_ATTR = "inferlink_payload"
+STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+CACHE_FOLDER = "inferlink-audit"
+
+
+class AuditPlugin:
+    """Registered while specs are configured; one per pytest process (controller or worker)."""
+
+    def __init__(
+        self, config: pytest.Config, specs: list[Path], *, report_dir: Path, device: str | None
+    ) -> None:
+        self.config = config
+        self.specs = specs
+        self.report_dir = report_dir
+        self.device = device
+        self.is_worker = hasattr(config, "workerinput")
+        self._spec_set = frozenset(specs)
+        self._cache: DiskSweepCache | None = None
+        self._cache_ready = False
+        self._seq = 0
+        self._t0 = time.perf_counter()
+        self._payloads: dict[str, str] = {}
+        self._collect_errors: dict[str, str] = {}
+        self.result: AuditResult | None = None
+        self.stats: list[SpecStats] = []
+        self.written: list[Path] = []
+        self.problems: list[str] = []
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        where = "no disk cache" if getattr(config, "cache", None) is None else "sweeps cached"
+        count = f"{len(self.specs)} spec{'s' if len(self.specs) != 1 else ''}"
+        return [f"inferlink-audit: {count}, report: {self.report_dir} ({where})"]
+
+    # ----------------------------------------------------------------- collection
+    def spec_index(self, path: Path) -> int:
+        """Position of a spec in the configured order (fixes the order of models in results)."""
+        for index, spec in enumerate(self.specs):
+            if spec == path or spec == path.resolve():
+                return index
+        return len(self.specs)
+
+    def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> SpecFile | None:
+        # Any file named on the command line is a spec; resolving (for symlinked folders) is
+        # worth its system call only for files that look like one.
+        configured = file_path in self._spec_set or (
+            file_path.suffix in (".yaml", ".yml") and file_path.resolve() in self._spec_set
+        )
+        if not configured:
+            return None
+        from .items import SpecFile
+
+        return SpecFile.from_parent(parent, path=file_path)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed and report.nodeid.endswith((".yaml", ".yml")):
+            self._collect_errors[report.nodeid] = str(report.longrepr).strip()
+
+    # ----------------------------------------------------------------- execution
+    @property
+    def cache(self) -> DiskSweepCache | None:
+        """Sweeps on disk in pytest's cache dir; none when the cacheprovider is disabled."""
+        if not self._cache_ready:
+            self._cache_ready = True
+            pytest_cache = getattr(self.config, "cache", None)
+            if pytest_cache is not None:
+                from inferlink_audit.cache import DiskSweepCache
+
+                self._cache = DiskSweepCache(pytest_cache.mkdir(CACHE_FOLDER))
+        return self._cache
+
+    def session_for(self, path: Path, spec: AuditSpec) -> AuditSession:
+        """The spec's session in this process, created on the first item that runs."""
+        sessions = self.config.stash.setdefault(SESSIONS_KEY, {})
+        session = sessions.get(path)
+        if session is None:
+            from inferlink_audit.audit import AuditSession
+
+            session = AuditSession(spec, device=self.device, cache=self.cache)
+            sessions[path] = session
+        return session
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if call.when == "call":
+            from .items import PAYLOAD_KEY
+
+            payload = item.stash.get(PAYLOAD_KEY, None)
+            if payload is not None:
+                setattr(report, REPORT_ATTR, payload)
+        return report
+
+    # xdist sends reports as dicts; state the payload's passage explicitly rather than rely on
+    # pytest copying unknown report attributes.
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_to_serializable(
+        self, config: pytest.Config, report: pytest.CollectReport | pytest.TestReport
+    ) -> Generator[None, dict[str, Any] | None, dict[str, Any] | None]:
+        data = yield
+        payload = getattr(report, REPORT_ATTR, None)
+        if data is not None and payload is not None:
+            data[REPORT_ATTR] = payload
+        return data
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_from_serializable(
+        self, config: pytest.Config, data: dict[str, Any]
+    ) -> Generator[None, Any, Any]:
+        report = yield
+        if report is not None and data.get(REPORT_ATTR) is not None:
+            setattr(report, REPORT_ATTR, data[REPORT_ATTR])
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        payload = getattr(report, REPORT_ATTR, None)
+        if payload is not None and not self.is_worker:
+            self._payloads[report.nodeid] = payload
+
+    # ----------------------------------------------------------------- reporting
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._t0 = time.perf_counter()
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.is_worker or not self._payloads:
+            return
+        from inferlink_audit.errors import AuditError
+        from inferlink_audit.report import render_report
+        from inferlink_audit.results import write_results
+
+        from .assemble import assemble_result, spec_stats
+        from .ci import step_summary
+
+        payloads = [json.loads(text) for text in self._payloads.values()]
+        self.stats = spec_stats(payloads)
+        self.result = assemble_result(payloads, seconds=time.perf_counter() - self._t0)
+        if self.result is not None:
+            try:
+                self.written.append(write_results(self.result, self.report_dir / "results.json"))
+                self.written.append(render_report(self.result, self.report_dir))
+            except (OSError, AuditError) as exc:
+                self.problems.append(f"could not write the report to {self.report_dir}: {exc}")
+        summary_path = os.environ.get(STEP_SUMMARY_ENV)
+        if summary_path:
+            report_path = self.written[-1] if self.written else None
+            text = step_summary(self.result, self.stats, report_path, self._collect_errors)
+            try:
+                with open(summary_path, "a", encoding="utf-8") as handle:
+                    handle.write(text)
+            except OSError as exc:
+                self.problems.append(f"could not append to ${STEP_SUMMARY_ENV} ({exc})")
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.is_worker or not (self.stats or self._collect_errors):
+            return
+        from .ci import terminal_lines
+
+        terminalreporter.write_sep("=", "inferlink-audit")
+        for line in terminal_lines(self.stats, self._collect_errors, self.written, self.problems):
+            terminalreporter.write_line(line)
