@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .attacks import Attack, build_attack
-from .checks import PlannedCheck, evaluate_check, plan_checks
+from .checks import PlannedCheck, evaluate_check, is_check, plan_checks
 from .compare import label_consistency, transferability
 from .data import load_dataset, validate_dataset
 from .devices import (
@@ -98,7 +98,17 @@ class AuditSession:
         self._clean: float | None = None
         self._evaluators: dict[str, tuple[Evaluator, tuple[float, float]]] = {}
         self._remediation: dict[str, Any] | None = None
+        self._transfer: list[dict[str, Any]] | None = None
+        self._peers: list[AuditSession] | None = None
         self.output_dir = output_dir  # where remediated checkpoints go (default: report.dir)
+        # How a compared spec's session is obtained; the pytest plugin shares its own.
+        self.peer_factory: Callable[[Path], AuditSession] = lambda path: AuditSession(
+            load_spec(path),
+            device=device,
+            cache=cache,
+            on_variant=on_variant,
+            output_dir=output_dir,
+        )
 
     # ----------------------------------------------------------------- preparation
     @cached_property
@@ -265,6 +275,39 @@ class AuditSession:
             )
             self.timings["remediation"] = time.perf_counter() - t0
         return self._remediation
+
+    # ----------------------------------------------------------------- compare
+    def peers(self) -> list[AuditSession]:
+        """Sessions of the specs in ``compare:``, in order (created once)."""
+        if self._peers is None:
+            self._peers = [self.peer_factory(path) for path in self.spec.compare]
+            names = [self.spec.name, *(peer.spec.name for peer in self._peers)]
+            if len(set(names)) != len(names):
+                raise SpecError(
+                    f"{self.spec.source_path}: compare: the compared specs must have different "
+                    f"names, got {names}; rename one of them."
+                )
+        return self._peers
+
+    def transfer(self) -> list[dict[str, Any]]:
+        """Transferability between this model and the compared ones (computed once)."""
+        if self._transfer is None:
+            self._transfer = transferability([self, *self.peers()])
+        return self._transfer
+
+    # ----------------------------------------------------------------- what was computed
+    @property
+    def is_prepared(self) -> bool:
+        """Whether the model and data are loaded (``prepared`` is a cached property)."""
+        return "prepared" in vars(self)
+
+    @property
+    def computed_remediation(self) -> dict[str, Any] | None:
+        return self._remediation
+
+    @property
+    def computed_transfer(self) -> list[dict[str, Any]] | None:
+        return self._transfer
 
     # ----------------------------------------------------------------- spectral analysis
     @cached_property
@@ -521,26 +564,19 @@ def run_audit(
 ) -> tuple[AuditResult, list[PlannedCheck], AuditSession]:
     """The whole audit of one spec: every check evaluated and every sweep computed."""
     t0 = time.perf_counter()
-    sessions = [
-        AuditSession(s, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir)
-        for s in [spec, *(load_spec(path) for path in spec.compare)]
-    ]
-    names = [s.spec.name for s in sessions]
-    if len(set(names)) != len(names):
-        raise SpecError(
-            f"{spec.source_path}: compare: the compared specs must have different names, got "
-            f"{names}; rename one of them."
-        )
+    main = AuditSession(
+        spec, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir
+    )
+    sessions = [main, *main.peers()]
     planned = plan_checks(spec)
     models = []
     for session in sessions:
-        plan = planned if session is sessions[0] else plan_checks(session.spec)
-        checks = [session.evaluate(p) for p in plan if p.check != "sweep"]
+        plan = planned if session is main else plan_checks(session.spec)
+        checks = [session.evaluate(p) for p in plan if is_check(p)]
         models.append(session.model_result(checks))
-    meta = sessions[0].meta(time.perf_counter() - t0)
+    meta = main.meta(time.perf_counter() - t0)
     consistency = None
     if len(sessions) > 1:
-        consistency = label_consistency(models)
-        consistency["transfer"] = transferability(sessions)
+        consistency = {**label_consistency(models), "transfer": main.transfer()}
     result = AuditResult(meta=meta, models=models, consistency=consistency)
     return result, planned, sessions[0]

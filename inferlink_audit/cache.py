@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_write_text
-from .results import SweepResult, _sweep_from_dict
+from .results import SweepResult, sweep_from_dict
 
 __all__ = ["CACHE_FORMAT", "DiskSweepCache"]
 
@@ -100,6 +100,6 @@ def _decode(text: str, key: str) -> list[SweepResult] | None:
         items = json.loads(body)
         if not isinstance(items, list):
             return None
-        return [_sweep_from_dict(item) for item in items]
+        return [sweep_from_dict(item) for item in items]
     except (ValueError, TypeError, KeyError, AttributeError):
         return None

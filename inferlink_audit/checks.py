@@ -27,6 +27,14 @@ SWEEP_CHECKS = (
     "max_score_drop",
 )
 SWEEP_ONLY = "sweep"  # the item that passes once its sweep is computed (a spec with no checks)
+REMEDIATION_ONLY = "remediation"  # runs selective retraining when no gain is asserted
+TRANSFER_ONLY = "transfer"  # measures transferability across the compared models
+MEASUREMENTS = (SWEEP_ONLY, REMEDIATION_ONLY, TRANSFER_ONLY)  # items that assert nothing
+
+
+def is_check(planned: PlannedCheck) -> bool:
+    """Whether the item asserts a threshold (and so has a CheckResult in results.json)."""
+    return planned.check not in MEASUREMENTS
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,14 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         attack.label,
                     )
                 )
+    if spec.remediation is not None and _limit(spec, "min_adversarial_gain") is None:
+        line = spec.line_of("remediation")
+        planned.append(
+            PlannedCheck(REMEDIATION_ONLY, REMEDIATION_ONLY, None, None, 0.0, line, spec.name)
+        )
+    if spec.compare:
+        line = spec.line_of("compare")
+        planned.append(PlannedCheck(TRANSFER_ONLY, TRANSFER_ONLY, None, None, 0.0, line, spec.name))
     sweep_keys = [key for key in SWEEP_CHECKS if _limit(spec, key) is not None]
     for filter_name in spec.filtering.filters:
         for attack in attacks:
@@ -100,7 +116,7 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         label,
                     )
                 )
-    if not planned:
+    if not any(is_check(p) for p in planned):
         for filter_name in spec.filtering.filters:
             for attack in attacks:
                 planned.append(
@@ -187,6 +203,12 @@ def evaluate_check(planned: PlannedCheck, session: AuditSession) -> CheckResult:
             measured, passed, detail = 0.0, True, "sweep computed"
         if layers:
             detail += f" ({_layers_text(layers)})"
+    elif key == REMEDIATION_ONLY:
+        session.remediation()
+        measured, passed, detail = 0.0, True, "remediation computed"
+    elif key == TRANSFER_ONLY:
+        session.transfer()
+        measured, passed, detail = 0.0, True, "transferability computed"
     elif key in ("no_new_fragile_layers", "max_score_drop"):
         return session.baseline_check(planned)
     else:

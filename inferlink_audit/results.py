@@ -171,7 +171,7 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                 n_examples=m["n_examples"],
                 clean_accuracy=m["clean_accuracy"],
                 attacks=[AttackResult(**a) for a in m["attacks"]],
-                sweeps=[_sweep_from_dict(s) for s in m["sweeps"]],
+                sweeps=[sweep_from_dict(s) for s in m["sweeps"]],
                 lipschitz=None
                 if lip is None
                 else LipschitzResult(
@@ -192,7 +192,7 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
     return AuditResult(meta=data["meta"], models=models, consistency=data.get("consistency"))
 
 
-def _sweep_from_dict(s: dict[str, Any]) -> SweepResult:
+def sweep_from_dict(s: dict[str, Any]) -> SweepResult:
     s = dict(s)
     s["scores"] = Scores(**s["scores"])
     s["labels"] = Labels(**s["labels"])

@@ -70,11 +70,16 @@ def test_missing_spec_exits_2(tmp_path, capsys):
     assert "no such audit spec" in capsys.readouterr().err
 
 
-def test_unsupported_feature_is_named(tmp_path, capsys):
-    write_spec(tmp_path, filename="other.yaml")
-    spec = write_spec(tmp_path, compare=["other.yaml"])
-    assert main(["run", str(spec), "--out", str(tmp_path / "o")]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+def test_compare_puts_both_models_in_one_report(tmp_path, capsys):
+    small = {"thresholds": 3, "filters": ["pulse"], "scopes": ["local"]}
+    write_spec(tmp_path, filename="other.yaml", name="other", filtering=small)
+    spec = write_spec(tmp_path, filtering=small, compare=["other.yaml"])
+    assert main(["run", str(spec), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    result = read_results(tmp_path / "o" / "results.json")
+    assert [m.name for m in result.models] == ["digits-small", "other"]
+    assert result.consistency["agreement"] == 1.0  # the same checkpoint twice
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "Transferability" in html and "Label agreement across models" in html
 
 
 def test_init_writes_a_spec_that_loads_and_refuses_to_overwrite(tmp_path, capsys):

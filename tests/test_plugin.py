@@ -416,3 +416,44 @@ def test_xdist_gives_the_same_results_and_computes_each_sweep_once(
         pytester.path / "serial" / "results.json"
     )
     assert (pytester.path / "parallel" / "report.html").is_file()
+
+
+# --------------------------------------------------------------------------- compare, remediation
+def test_compare_and_remediation_reach_the_report(pytester: pytest.Pytester) -> None:
+    """compare: the compared spec is audited as a spec of its own and the controller adds label
+    consistency and the transfer matrix; remediation writes its checkpoint in the report dir."""
+    other = pytester.makefile(".yaml", other=spec_text("other", checks={}, filters="[pulse]"))
+    remediation = textwrap.dedent(
+        """\
+        remediation:
+          selective_retrain: {epochs: 1, response: clean}
+        compare: [other.yaml]
+        """
+    )
+    main = spec_text(
+        "main", checks={"min_clean_accuracy": "0.5"}, filters="[pulse]", extra=remediation
+    )
+    main = main.replace(
+        "normalize: {mean: [0.5], std: [0.5]}}",
+        "normalize: {mean: [0.5], std: [0.5]}, train: {source: sklearn_digits, split: train, limit: 128}}",
+    )
+    spec = pytester.makefile(".yaml", main=main)
+    result = pytester.runpytest(OPTION_AUDIT, str(spec), OPTION_REPORT, "out", "-q")
+    # main: min_clean_accuracy, remediation, transfer; other (no checks): its pulse sweep
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([f"other ({other.name}): PASS*"])
+    data = json.loads((pytester.path / "out" / "results.json").read_text())
+    assert [m["name"] for m in data["models"]] == ["main", "other"]
+    main_model = data["models"][0]
+    assert main_model["remediation"]["checkpoint"] == "remediated/main.safetensors"
+    assert (pytester.path / "out" / "remediated" / "main.safetensors").is_file()
+    assert main_model["lipschitz"]["network_upper_bound"] > 0
+    consistency = data["consistency"]
+    assert consistency["models"] == ["main", "other"]
+    assert consistency["agreement"] == 1.0  # the same checkpoint twice: every label agrees
+    assert {(t["source"], t["target"]) for t in consistency["transfer"]} == {
+        ("main", "main"),
+        ("main", "other"),
+        ("other", "other"),
+        ("other", "main"),
+    }

@@ -12,10 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from inferlink_audit.checks import SWEEP_ONLY, PlannedCheck, failure_line
+from inferlink_audit.checks import (
+    REMEDIATION_ONLY,
+    TRANSFER_ONLY,
+    PlannedCheck,
+    failure_line,
+    is_check,
+)
+from inferlink_audit.compare import label_consistency
 from inferlink_audit.errors import AuditError
 from inferlink_audit.results import SCHEMA, AuditResult, CheckResult, SweepResult, result_from_dict
 
@@ -71,7 +78,7 @@ def check_properties(
     props: list[tuple[str, object]] = [("check", planned.id)]
     if result is None:
         return props
-    if planned.check == SWEEP_ONLY:
+    if not is_check(planned):
         return [*props, ("passed", result.passed)]
     props += [("measured", result.measured), ("limit", result.limit), ("passed", result.passed)]
     if result.detail.startswith("error: "):
@@ -132,18 +139,19 @@ def failure_lines(
 
 
 def _model_info(session: AuditSession) -> dict[str, Any] | None:
-    # functools.cached_property keeps a computed value in the instance dict; checking it
-    # avoids loading (or re-trying to load) a model just to describe it after an error.
-    if "prepared" not in vars(session):
+    # Describing the model must not load it (or retry loading it) after an error.
+    if not session.is_prepared:
         return None
     prepared = session.prepared
     spec = session.spec
     clean = math.nan
     with contextlib.suppress(AuditError):
         clean = session.clean_accuracy()
-    # Spectral bounds cost more than an item that does not assert on them should pay: they
-    # are reported when the spec's max_lipschitz_upper_bound check computed them.
-    lipschitz = asdict(session.lipschitz) if "lipschitz" in vars(session) else None
+    # Computed once per process and spec, so the plugin's report has the same Lipschitz table
+    # as `inferlink-audit run`.
+    lipschitz = None
+    with contextlib.suppress(AuditError):
+        lipschitz = asdict(session.lipschitz)
     return {
         "name": spec.name,
         "checkpoint_sha256": prepared.loaded.checkpoint_sha256,
@@ -158,6 +166,7 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
         "values": spec.filtering.values,
         "adversarial_source": spec.filtering.adversarial_source,
         "lipschitz": lipschitz,
+        "remediation": session.computed_remediation,
     }
 
 
@@ -186,7 +195,15 @@ def build_payload(
             attacks.append(asdict(session.attack_result(planned.attack)))
         if planned.filter is not None:
             sweeps = [asdict(s) for s in session.sweeps(planned.filter, planned.attack)]
-    if planned.check == SWEEP_ONLY:
+    if error is None and planned.check in (REMEDIATION_ONLY, "min_adversarial_gain"):
+        # Selective retraining labelled every layer under every filter and attack first.
+        sweeps = [
+            asdict(s)
+            for f in spec.filtering.filters
+            for a in spec.attack_specs
+            for s in session.sweeps(f, a.id)
+        ]
+    if not is_check(planned):
         check = None
     elif result is not None:
         check = asdict(result)
@@ -210,6 +227,7 @@ def build_payload(
         "attacks": attacks,
         "sweeps": sweeps,
         "check": check,
+        "transfer": session.computed_transfer if planned.check == TRANSFER_ONLY else None,
         "meta": session.meta(0.0) if model is not None else None,
         "outcome": outcome,
         "computed": group if computed else [],
@@ -292,13 +310,15 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
     ordered_groups = sorted(
         sweep_groups, key=lambda k: (_index(filters, k[0]), _index(attack_order, k[1]))
     )
-    model = {key: value for key, value in infos[0].items() if key != "lipschitz"}
+    model = {
+        key: value for key, value in infos[0].items() if key not in ("lipschitz", "remediation")
+    }
     return {
         **model,
         "attacks": [attacks[key] for key in sorted(attacks, key=lambda a: _index(attack_order, a))],
         "sweeps": [s for key in ordered_groups for s in sweep_groups[key]],
         "lipschitz": next((i["lipschitz"] for i in infos if i["lipschitz"] is not None), None),
-        "remediation": None,
+        "remediation": next((i["remediation"] for i in infos if i.get("remediation")), None),
         "checks": [p["check"] for p in items if p["check"] is not None],
     }
 
@@ -349,4 +369,12 @@ def assemble_result(payloads: list[dict[str, Any]], *, seconds: float) -> AuditR
     if not models:
         return None
     # Through the library's own reader, so the result is exactly what results.json holds.
-    return result_from_dict({"schema": SCHEMA, "meta": _meta(measured, seconds), "models": models})
+    result = result_from_dict(
+        {"schema": SCHEMA, "meta": _meta(measured, seconds), "models": models}
+    )
+    transfer = [row for p in payloads if p.get("transfer") for row in p["transfer"]]
+    compared = any(p["check_id"] == TRANSFER_ONLY for p in payloads)
+    if compared and len(result.models) > 1:
+        consistency = {**label_consistency(result.models), "transfer": transfer}
+        result = replace(result, consistency=consistency)
+    return result

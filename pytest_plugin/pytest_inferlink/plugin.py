@@ -107,7 +107,25 @@ def configured_specs(config: pytest.Config) -> list[Path]:
             specs.append(path)
         else:
             raise pytest.UsageError(f"{source} {raw}: no such file or folder")
-    return list(dict.fromkeys(specs))
+    return list(dict.fromkeys(_with_compared(specs)))
+
+
+def _with_compared(specs: list[Path]) -> list[Path]:
+    """Each spec followed by the specs its ``compare:`` names: they are audited too.
+
+    A spec that does not load is left for collection to report, with its line and key.
+    """
+    from inferlink_audit.errors import AuditError
+    from inferlink_audit.spec_loader import load_spec
+
+    expanded: list[Path] = []
+    for path in specs:
+        expanded.append(path)
+        try:
+            expanded.extend(p.resolve() for p in load_spec(path).compare)
+        except AuditError:
+            continue
+    return expanded
 
 
 def _report_dir(config: pytest.Config) -> Path:

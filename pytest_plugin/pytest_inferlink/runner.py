@@ -108,8 +108,13 @@ class AuditPlugin:
         session = sessions.get(path)
         if session is None:
             from inferlink_audit.audit import AuditSession
+            from inferlink_audit.spec_loader import load_spec
 
-            session = AuditSession(spec, device=self.device, cache=self.cache)
+            session = AuditSession(
+                spec, device=self.device, cache=self.cache, output_dir=self.report_dir
+            )
+            # compare: share the compared specs' sessions (they are collected as specs too)
+            session.peer_factory = lambda peer: self.session_for(peer, load_spec(peer))
             sessions[path] = session
         return session
 
