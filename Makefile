@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/inferlink-audit run example_audits/digits.yaml --out $(REPORT)
+	$(BIN)/python -m pytest --inferlink-audit example_audits/digits.yaml --inferlink-report $(REPORT)
 	@echo "Report: $(abspath $(REPORT))/report.html  (numbers: $(abspath $(REPORT))/results.json)"
 
 lint: $(STAMP)
