@@ -120,13 +120,14 @@ class AuditSession:
         with located_errors(spec, ("device",) if self.device_name == spec.device else ()):
             device = resolve_device(self.device_name)
         settings = deterministic_settings(device)
-        with located_errors(spec, ("data",)):
+        data_key = ("data", "path") if spec.data.path is not None else ("data",)
+        with located_errors(spec, data_key):
             dataset = load_dataset(spec.data)
 
         def model_key(exc: AuditError) -> tuple[str, ...]:
             checkpoint = spec.model.checkpoint
             if isinstance(exc, DataError):
-                return ("data",)
+                return data_key
             if checkpoint is not None and str(checkpoint) in str(exc):
                 return ("model", "checkpoint")
             return ("model", "factory")
@@ -138,7 +139,7 @@ class AuditSession:
                 spec_dir=spec.spec_dir,
                 example_input=dataset.x[:1],
             )
-        with located_errors(spec, ("data",)):
+        with located_errors(spec, data_key):
             validate_dataset(
                 dataset,
                 num_outputs=loaded.num_outputs,
@@ -146,7 +147,7 @@ class AuditSession:
                 where=dataset.description,
             )
         try:
-            with located_errors(spec, ("data",)):
+            with located_errors(spec, model_key):
                 loaded.module.to(device).eval()
                 data = EvalData(dataset.x.to(device), dataset.y.to(device), spec.data.batch_size)
                 first = min(spec.data.batch_size, data.n)
@@ -159,6 +160,7 @@ class AuditSession:
                 batch_size=spec.data.batch_size,
                 device=describe_device(device),
                 where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
+                examples=len(dataset),
             ) from exc
         with located_errors(spec, ("filtering", "layers")):
             layers = select_layers(loaded.inner, spec.filtering.layers)
@@ -438,14 +440,6 @@ class AuditSession:
                     )
                 )
         return results
-
-    def variant_budget(self) -> int:
-        """Upper bound on the variants a full run evaluates (for a progress bar's total)."""
-        filtering = self.spec.filtering
-        n_scopes = len(self.prepared.layers) * ("local" in filtering.scopes) + (
-            "global" in filtering.scopes
-        )
-        return n_scopes * filtering.thresholds * len(filtering.filters) * len(self.spec.attacks)
 
     # ----------------------------------------------------------------- regression checks
     def baseline_check(self, planned: PlannedCheck) -> CheckResult:

@@ -19,7 +19,6 @@ from .fileio import atomic_write_text
 SCHEMA = "inferlink-audit/results/v1"
 
 Label = str  # "fragile" | "robust" | "antifragile"
-LABELS: tuple[Label, ...] = ("fragile", "robust", "antifragile")
 RESPONSES: tuple[str, ...] = ("clean", "adversarial")
 
 
