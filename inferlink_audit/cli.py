@@ -7,14 +7,26 @@ User mistakes print one paragraph and no traceback (``--debug`` shows it).
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import unicodedata
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import AuditError
+from .errors import AuditError, OutputError, SpecError
+
+if TYPE_CHECKING:
+    from .spec import AuditSpec
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+# 128 + signal number, as a shell reports a process ended by that signal.
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 STARTER_SPEC = """\
 # inferlink-audit spec: see README.md ("Spec reference") for every key.
@@ -75,28 +87,132 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from .spec_loader import load_spec, locate_message
 
-    from .audit import run_audit
-    from .report import render_report
-    from .results import write_results
-    from .spec_loader import load_spec
-    from .summary import text_summary
-
+    # The spec first: a mistake in it is reported before torch is imported (seconds).
     spec = load_spec(args.spec)
-    out = args.out if args.out is not None else spec.report.dir
-    show_progress = not args.quiet and sys.stderr.isatty()
-    bar = tqdm(desc=f"audit {spec.name}", unit="variant", disable=not show_progress, leave=False)
     try:
-        result, _, _ = run_audit(spec, device=args.device, on_variant=lambda where: bar.update(1))
-    finally:
-        bar.close()
-    results_path = write_results(result, Path(out) / "results.json")
-    report_path = render_report(result, Path(out))
+        from tqdm.auto import tqdm
+
+        from .audit import run_audit
+        from .devices import is_out_of_memory, out_of_memory_error
+        from .report import render_report
+        from .results import write_results
+        from .summary import text_summary
+
+        out = Path(args.out if args.out is not None else spec.report.dir)
+        # Checked before any work, and without creating anything: a run that cannot write its
+        # results fails now, not after the sweeps.
+        _check_output_folder(out, "--out" if args.out is not None else "report.dir")
+        _refuse_overwriting_inputs(spec, out)
+        _check_baseline(spec)
+        show_progress = not args.quiet and sys.stderr.isatty()
+        bar = tqdm(
+            desc=f"audit {spec.name}", unit="variant", disable=not show_progress, leave=False
+        )
+        try:
+            result, _, _ = run_audit(
+                spec, device=args.device, on_variant=lambda where: bar.update(1)
+            )
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory_error(
+                exc,
+                batch_size=spec.data.batch_size,
+                device=args.device or spec.device,
+                where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
+                examples=spec.data.limit,
+            ) from exc
+        finally:
+            bar.close()
+        try:
+            results_path = write_results(result, out / "results.json")
+            report_path = render_report(result, out)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write the results to {out} ({exc.strerror or exc}); free some space or "
+                "choose another --out. Files already there are complete (each is replaced whole)."
+            ) from exc
+    except SpecError:
+        raise
+    except AuditError as exc:
+        _name_the_spec(exc, spec, args.spec)
+        raise
     if not args.quiet:
         print(text_summary(result))
     print(f"results: {results_path}\nreport:  {report_path}")
     return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+def _name_the_spec(exc: AuditError, spec: AuditSpec, given: Path) -> None:
+    """Every message names the spec it came from (the loaders only know their own file)."""
+    message = str(exc)
+    names = {str(given), str(spec.source_path or given)}
+    if not any(name and name in message for name in names):
+        exc.args = (f"{given}: {message}",)
+
+
+def _check_baseline(spec: AuditSpec) -> None:
+    """Read the baseline now: a wrong file stops the run before the sweeps, not after them."""
+    from .results import read_results
+    from .spec_loader import locate_message
+
+    if spec.baseline is None:
+        return
+    try:
+        read_results(spec.baseline)
+    except AuditError as exc:
+        problem = str(exc) if str(spec.baseline) in str(exc) else f"{spec.baseline}: {exc}"
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problem = (
+            f"{spec.baseline}: not a results.json written by inferlink-audit "
+            f"({type(exc).__name__}: {exc})"
+        )
+    else:
+        return
+    raise AuditError(
+        locate_message(
+            spec,
+            ("baseline",),
+            f"{problem.splitlines()[0]}; point baseline at the results.json of the released "
+            "model's audit.",
+        )
+    )
+
+
+def _check_output_folder(out: Path, option: str) -> None:
+    """Refuse an output folder that is a file or cannot be created or written, creating nothing."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputError(
+            f"{option} {out} is a file, not a folder; choose a folder for results.json and "
+            "report.html."
+        )
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(
+            f"{option} {out} cannot be created: {existing} is not a folder; choose another path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{option} {out} cannot be written: {existing} is not writable by this user; choose "
+            "another folder."
+        )
+
+
+def _refuse_overwriting_inputs(spec: AuditSpec, out: Path) -> None:
+    """The audited checkpoint, data and spec are only ever read, whatever --out is."""
+    inputs = [spec.source_path, spec.model.checkpoint, spec.data.path, spec.baseline]
+    protected = {Path(p).resolve() for p in inputs if p is not None}
+    for name in ("results.json", "report.html"):
+        target = (out / name).resolve()
+        if target in protected:
+            raise OutputError(
+                f"writing {out / name} would replace {target}, an input of this audit; choose "
+                "another --out."
+            )
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -106,10 +222,17 @@ def _init(args: argparse.Namespace) -> int:
         raise AuditError(
             f"{args.path} already exists; pass --force to overwrite it or choose another path."
         )
-    atomic_write_text(
-        args.path,
-        STARTER_SPEC.format(name=args.name, factory=args.factory, checkpoint=args.checkpoint),
-    )
+    if args.path.is_dir():
+        raise OutputError(f"{args.path} is a folder; give the path of the spec file to write.")
+    try:
+        atomic_write_text(
+            args.path,
+            STARTER_SPEC.format(name=args.name, factory=args.factory, checkpoint=args.checkpoint),
+        )
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {args.path} ({exc.strerror or exc}); choose another path."
+        ) from exc
     print(
         f"wrote {args.path}; edit model.factory and model.checkpoint, then: inferlink-audit run {args.path}"
     )
@@ -120,29 +243,92 @@ def _merge(args: argparse.Namespace) -> int:
     from .report import render_report
     from .results import AuditResult, read_results, write_results
 
-    runs = [read_results(path) for path in args.results]
+    _check_output_folder(args.out, "--out")
+    runs = []
+    for path in args.results:
+        try:
+            runs.append(read_results(path))
+        except AuditError as exc:
+            if str(path) not in str(exc):
+                exc.args = (f"{path}: {exc}",)
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AuditError(
+                f"{path}: not a results.json written by inferlink-audit "
+                f"({type(exc).__name__}: {exc}); pass the results.json of a run."
+            ) from exc
     merged = AuditResult(
         meta={**runs[0].meta, "merged_from": [str(p) for p in args.results]},
         models=[model for run in runs for model in run.models],
     )
-    write_results(merged, args.out / "results.json")
-    print(f"report: {render_report(merged, args.out)}")
+    try:
+        write_results(merged, args.out / "results.json")
+        report = render_report(merged, args.out)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the merged report to {args.out} ({exc.strerror or exc}); choose "
+            "another --out."
+        ) from exc
+    print(f"report: {report}")
     return EXIT_PASS if merged.passed else EXIT_FAIL
+
+
+def _printable(message: str) -> str:
+    """Control characters from file names or file contents shown escaped (``\\x1b``), so an
+    error message cannot drive the terminal that displays it."""
+    return "".join(
+        char
+        if char in "\n\t" or unicodedata.category(char) not in ("Cc", "Cf")
+        else ascii(char)[1:-1]
+        for char in message
+    )
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` runs (temporary files are removed)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (CI cancelling a job, ``kill``) into a clean exit for the call's duration.
+
+    Without it the process dies between two bytecodes, skipping the clean-up of a write in
+    progress. Only the main thread may install handlers; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"run": _run, "init": _init, "merge": _merge}[args.command]
     try:
-        return handler(args)
+        with _sigterm_as_interrupt():
+            return handler(args)
     except AuditError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"inferlink-audit: error: {exc}", file=sys.stderr)
+        print(f"inferlink-audit: error: {_printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("inferlink-audit: interrupted; files already written are complete.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(
+            f"inferlink-audit: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+            "no file was left half-written (each output is the previous version or the new "
+            "one).",
+            file=sys.stderr,
+        )
+        return EXIT_SIGTERM if terminated else EXIT_SIGINT
 
 
 if __name__ == "__main__":

@@ -145,9 +145,27 @@ def _load_digits(split: str, limit: int | None) -> tuple[torch.Tensor, torch.Ten
 # --------------------------------------------------------------------------- tensors
 def _load_tensors(path: Path, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     where = str(path)
-    if not path.is_file():
+    try:
+        regular = path.is_file()
+        problem = (
+            ""
+            if regular
+            else "is a folder, not a data file"
+            if path.is_dir()
+            else "is not a regular file (a device, pipe or socket)"
+            if path.exists()
+            else "data file not found"
+        )
+    except (OSError, ValueError) as exc:
+        problem = f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    if problem:
         raise DataError(
-            f"{where}: data file not found (data.path). Paths are relative to the spec's folder."
+            f"{where}: {problem} (data.path). Paths are relative to the spec's folder; give a "
+            ".pt dict {'x': Tensor, 'y': Tensor} or a .npz with arrays x and y."
+        )
+    if path.stat().st_size == 0:
+        raise DataError(
+            f"{where}: is empty (0 bytes), so it holds no examples; was it written completely?"
         )
     suffix = path.suffix.lower()
     if suffix == ".npz":
@@ -159,13 +177,77 @@ def _load_tensors(path: Path, limit: int | None) -> tuple[torch.Tensor, torch.Te
             f"{where}: data files must be a .pt dict {{'x': Tensor, 'y': Tensor}} or a .npz with "
             f"arrays x and y; {suffix or 'no suffix'} is neither."
         )
-    x = x_raw[:limit]
-    y = _labels_to_int64(y_raw[:limit], where)
+    _check_raw_arrays(x_raw, y_raw, where)
+    # Stored with requires_grad or not, the data are plain inputs here.
+    x = x_raw.detach()[:limit]
+    y = _labels_to_int64(y_raw.detach()[:limit], where)
     # Integer pixels stay unscaled: validate_dataset then names the range against input_range.
     return x.to(torch.float32).contiguous(), y, f"tensors from {path.name}"
 
 
+def _check_raw_arrays(x: torch.Tensor, y: torch.Tensor, where: str) -> None:
+    """Shapes and dtypes that would fail obscurely later (slicing a 0-d tensor, complex values
+    silently cast to real), refused while the file's name is still at hand."""
+    for key, value in (("x", x), ("y", y)):
+        unusual = (
+            f"a {value.layout} tensor".replace("torch.", "")
+            if value.layout != torch.strided
+            else "a meta tensor without data"
+            if value.device.type == "meta"
+            else f"a quantized {value.dtype} tensor".replace("torch.", "")
+            if value.is_quantized
+            else ""
+        )
+        if unusual:
+            raise DataError(
+                f"{where}: '{key}' is {unusual}; store plain dense tensors (e.g. t.to_dense(), "
+                "t.dequantize())."
+            )
+        if value.dim() == 0:
+            raise DataError(
+                f"{where}: '{key}' is a single number (shape ()), not one entry per example; "
+                "store x as N×... inputs and y as N labels."
+            )
+        if value.is_complex():
+            raise DataError(
+                f"{where}: '{key}' holds complex numbers ({value.dtype}); inputs and labels must "
+                "be real."
+            )
+    if x.dim() < 2:
+        raise DataError(
+            f"{where}: inputs x have shape {tuple(x.shape)}; they must be N×... with one row per "
+            "example (e.g. N×C×H×W images or N×D features)."
+        )
+    if y.dim() != 1:
+        raise DataError(
+            f"{where}: labels y have shape {tuple(y.shape)}; they must be 1-D class indices "
+            "(not one-hot): use y.argmax(1) for one-hot labels."
+        )
+    if x.shape[0] != y.shape[0]:
+        raise DataError(
+            f"{where}: {x.shape[0]} inputs but {y.shape[0]} labels; x and y must have the same "
+            "length."
+        )
+    if x.shape[0] == 0:
+        raise DataError(f"{where}: x and y hold no examples; the data set is empty.")
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def _read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    # np.load falls back to unpickling anything that is not a zip or .npy; look first, so a
+    # file of another kind is called that, not "pickled data".
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc}).") from exc
+    if magic not in _ZIP_MAGIC:
+        raise DataError(
+            f"{path}: not a .npz archive (a .npz is a zip file; this one starts with "
+            f"{magic!r}). Save the data with np.savez(path, x=..., y=...)."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
@@ -265,6 +347,11 @@ def _load_torchvision(
         raise DataError(
             f"torchvision {name}: cannot read or fetch the files under {root} ({exc})."
         ) from exc
+    except Exception as exc:  # a damaged file that passed torchvision's own checks
+        raise DataError(
+            f"torchvision {name}: the files under {root} cannot be read "
+            f"({type(exc).__name__}: {exc}); delete them and fetch them again."
+        ) from exc
     data, targets = ds.data, ds.targets
     if isinstance(data, np.ndarray):  # CIFAR: N×H×W×C uint8
         images = torch.from_numpy(data[:limit]).permute(0, 3, 1, 2)
@@ -290,7 +377,16 @@ def _load_image_folder(
             f"{root}/{split}/<class>/<image> or {root}/<class>/<image>."
         ) from exc
     n = len(ds) if limit is None else min(limit, len(ds))
-    items: list[Any] = [ds[i] for i in range(n)]
+    items: list[Any] = []
+    for i in range(n):
+        try:
+            items.append(ds[i])
+        except Exception as exc:  # PIL: unreadable, truncated or decompression-bomb images
+            image = ds.samples[i][0]
+            raise DataError(
+                f"ImageFolder {folder}: cannot read image {image} ({type(exc).__name__}: {exc}); "
+                "remove or replace it."
+            ) from exc
     shapes = sorted({tuple(img.shape) for img, _ in items})
     if len(shapes) > 1:
         raise DataError(

@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DeviceError
+from .errors import DeviceError, ResourceError
 
 __all__ = [
     "describe_device",
     "deterministic_settings",
+    "is_out_of_memory",
+    "out_of_memory_error",
     "resolve_device",
     "seed_everything",
     "synchronize",
@@ -121,6 +123,58 @@ def describe_device(device: torch.device) -> str:
             return str(device)
         return f"{device} ({hardware})"
     return str(device)
+
+
+# How allocators word "this did not fit": CUDA's caching allocator, the CPU's, MPS and XLA.
+_OOM_MARKERS = (
+    "out of memory",
+    "defaultcpuallocator: can't allocate memory",
+    "defaultcpuallocator: not enough memory",
+    "resource_exhausted",
+    "mps backend out of memory",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that an allocation failed (on any device), not that code is wrong."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(marker in text for marker in _OOM_MARKERS)
+    return False
+
+
+def out_of_memory_error(
+    exc: BaseException,
+    *,
+    batch_size: int,
+    device: str,
+    where: str = "",
+    examples: int | None = None,
+) -> ResourceError:
+    """The one-paragraph error for a batch that does not fit: which size, and what to try.
+
+    ``examples`` (the test set's size, when known) caps the batch actually used, so the size
+    suggested is half of what really ran, not of a ``batch_size`` larger than the data.
+    """
+    prefix = f"{where}: " if where else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(first) > 200:
+        first = first[:197] + "..."
+    used = batch_size if examples is None else max(1, min(batch_size, examples))
+    size = f"data.batch_size {batch_size}" + (
+        f" (batches of {used}, the whole test set)" if used != batch_size else ""
+    )
+    if used > 1:
+        advice = f"set data.batch_size: {used // 2} (half of {used}) in the spec and run again"
+    else:
+        advice = "the model does not fit even one example; use a device with more memory"
+    return ResourceError(
+        f"{prefix}out of memory on device {device} with {size} "
+        f"({type(exc).__name__}: {first}); {advice}. The test set itself is held on the "
+        "device too: data.limit makes it smaller."
+    )
 
 
 def synchronize(device: torch.device) -> None:

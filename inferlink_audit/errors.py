@@ -44,3 +44,11 @@ class UnsupportedError(AuditError):
 
 class IntegrityError(AuditError):
     """The model in memory was not restored bit-exactly after filtering: results are void."""
+
+
+class ResourceError(AuditError):
+    """The audit does not fit the machine: a batch runs out of memory on the device."""
+
+
+class OutputError(AuditError):
+    """The report folder cannot be written: it is a file, or read-only."""

@@ -9,13 +9,16 @@ in with ``model.trust_pickle: true``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
 import pickle
 import sys
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +39,7 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "LoadedModel",
     "NormalizedModel",
+    "check_batch",
     "load_model",
     "load_state_dict_file",
 ]
@@ -137,18 +141,21 @@ def load_model(
     sha = ""
     if spec.checkpoint is not None:
         path = _resolve(spec.checkpoint, spec_dir)
-        if not path.is_file():
-            raise ModelLoadError(
-                f"{path}: checkpoint not found (model.checkpoint). Paths are relative to the "
-                "spec's folder; use checkpoint: null to audit the factory's initial weights."
-            )
+        _require_regular_file(path, "checkpoint", "model.checkpoint")
         # Hash first: the digest names exactly the bytes that were then loaded.
-        sha = sha256_file(path)
+        try:
+            sha = sha256_file(path)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check its "
+                "permissions."
+            ) from exc
         state = load_state_dict_file(path, trust_pickle=spec.trust_pickle)
         _load_into(inner, state, path, spec)
         weights = f"weights from {path.name} (sha256 {sha[:12]})"
     else:
         weights = "the factory's initial weights (no checkpoint)"
+    _require_finite(inner, spec, "the checkpoint" if spec.checkpoint is not None else None)
     inner = inner.to("cpu")
     norm = data.normalize
     wrapper = NormalizedModel(
@@ -164,7 +171,8 @@ def load_model(
             f"{tuple(probe.shape[1:])} (channels first): give one mean/std per input channel, "
             "or a single value for all."
         )
-    num_outputs = _count_outputs(wrapper, probe, spec)
+    source = f"{data.path.name} (data.path)" if data.path is not None else f"{data.source} data"
+    num_outputs = _count_outputs(wrapper, probe, spec, source)
     n_params = sum(p.numel() for p in inner.parameters())
     kwargs = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs.items())
     call = "" if spec.factory_kind == "torchscript" else f"({kwargs})"
@@ -184,8 +192,77 @@ def load_model(
 
 # --------------------------------------------------------------------------- factories
 def _resolve(path: Path | str, spec_dir: Path) -> Path:
-    p = Path(path).expanduser()
+    p = Path(path)
+    # '~nosuchuser/...' stays as written, so "not found" names it as the user typed it.
+    with contextlib.suppress(RuntimeError):
+        p = p.expanduser()
     return p if p.is_absolute() else spec_dir / p
+
+
+def _require_regular_file(path: Path, what: str, key: str) -> None:
+    """A missing file, a folder or a device (``/dev/zero``) each get their own plain answer."""
+    try:
+        if path.is_file():
+            return
+        if path.is_dir():
+            problem = f"is a folder, not a {what} file"
+        elif path.exists():
+            problem = f"is not a regular file (a device, pipe or socket), so it is not a {what}"
+        else:
+            problem = f"{what} not found"
+    except (OSError, ValueError) as exc:
+        problem = f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    raise ModelLoadError(
+        f"{path}: {problem} ({key}). Paths are relative to the spec's folder"
+        + (
+            "; use checkpoint: null to audit the factory's initial weights."
+            if key == "model.checkpoint"
+            else "."
+        )
+    )
+
+
+def _require_finite(inner: nn.Module, spec: ModelSpec, source: str | None) -> None:
+    """NaN or Inf weights make every accuracy meaningless, and NaN never compares equal, so
+    the bit-exact restore check after a sweep could not hold: refuse them before any work."""
+    bad = [
+        name
+        for name, tensor in (*inner.named_parameters(), *inner.named_buffers())
+        if (tensor.is_floating_point() or tensor.is_complex())
+        and not bool(torch.isfinite(tensor.detach()).all())
+    ]
+    if bad:
+        origin = source or f"the initial weights of model.factory {spec.factory!r}"
+        raise ModelLoadError(
+            f"after loading {origin}, the model's tensors {_listing(bad)} contain NaN or Inf; "
+            "an audit needs finite weights. Fix the initialisation or give a checkpoint."
+        )
+
+
+def _guard_factory(factory: Any, spec: ModelSpec) -> None:
+    """Refuse, before calling it, a factory that is plainly not a model's: a class that is not
+    an ``nn.Module``, or a built-in, standard-library or ``torch`` function (``os:system``,
+    ``shutil:rmtree``, ``torch:save``), which a spec could otherwise call with any kwargs."""
+    while isinstance(factory, functools.partial):  # Net = partial(ResNet, depth=18) is fine
+        factory = factory.func
+    if isinstance(factory, type):
+        if issubclass(factory, nn.Module):
+            return
+        raise ModelLoadError(
+            f"model.factory {spec.factory!r} names the class {factory.__qualname__}, which is "
+            "not a torch.nn.Module subclass, so it was NOT called. Point the factory at your "
+            "model's class or at a function that returns the model."
+        )
+    module = getattr(factory, "__module__", None) or type(factory).__module__ or ""
+    top = module.split(".")[0]
+    builtin = isinstance(factory, types.BuiltinFunctionType | types.BuiltinMethodType)
+    if builtin or top in sys.stdlib_module_names or top in ("builtins", "torch", "_operator"):
+        name = getattr(factory, "__qualname__", type(factory).__name__)
+        raise ModelLoadError(
+            f"model.factory {spec.factory!r} names {module}.{name}, a built-in or library "
+            "function, not a model factory, so it was NOT called. Point the factory at your "
+            "model's class or at a function that returns the model."
+        )
 
 
 def _build(spec: ModelSpec, spec_dir: Path) -> tuple[nn.Module, str]:
@@ -211,17 +288,25 @@ def _build(spec: ModelSpec, spec_dir: Path) -> tuple[nn.Module, str]:
             f"model.factory {spec.factory!r} names a {type(factory).__name__}, not a class or "
             "function that builds the model."
         )
+    if kind != "torchvision":
+        _guard_factory(factory, spec)
     try:
         built = factory(**kwargs)
+    except SystemExit as exc:
+        raise ModelLoadError(
+            f"model.factory {spec.factory!r} called sys.exit({exc.code!r}) when building the "
+            f"model{_where(exc)}; a factory must return the model."
+        ) from exc
     except TypeError as exc:
         raise ModelLoadError(
-            f"model.factory {spec.factory!r} cannot be called with model.kwargs {kwargs}: {exc}. "
+            f"model.factory {spec.factory!r} cannot be called with model.kwargs {kwargs}: "
+            f"{_one_line(exc)}. "
             "Check the argument names and values against its signature."
         ) from exc
     except Exception as exc:
         raise ModelLoadError(
             f"model.factory {spec.factory!r} raised {type(exc).__name__} when called with "
-            f"model.kwargs {kwargs}: {exc}{_where(exc)}."
+            f"model.kwargs {kwargs}: {_one_line(exc)}{_where(exc)}."
         ) from exc
     if not isinstance(built, nn.Module):
         raise ModelLoadError(
@@ -233,17 +318,35 @@ def _build(spec: ModelSpec, spec_dir: Path) -> tuple[nn.Module, str]:
 
 def _where(exc: BaseException) -> str:
     """`` (at file:line)`` of the innermost frame, so a user can find the bug in their code."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" (at {exc.filename}:{exc.lineno})"
     frames = traceback.extract_tb(exc.__traceback__)
     return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
 @contextmanager
+def _no_bytecode() -> Iterator[None]:
+    """Import without writing ``__pycache__`` beside the user's files (an audit only reads)."""
+    saved = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = saved
+
+
+@contextmanager
 def _on_sys_path(folder: Path) -> Iterator[None]:
-    """Put ``folder`` first on ``sys.path`` for one import, then restore ``sys.path`` as it was."""
+    """Put ``folder`` first on ``sys.path`` for one import, then restore ``sys.path`` as it was.
+
+    Bytecode is not written meanwhile: an audit only reads the user's folder, which may be
+    read-only or under review, and must not leave ``__pycache__`` folders in it.
+    """
     saved = list(sys.path)
     sys.path.insert(0, str(folder))
     try:
-        yield
+        with _no_bytecode():
+            yield
     finally:
         sys.path[:] = saved
 
@@ -253,7 +356,8 @@ def _import_module(module_name: str, spec_dir: Path, spec: ModelSpec) -> ModuleT
     that holds its top-level package (so ``example_audits.digits`` works from a spec inside
     ``example_audits/``)."""
     try:
-        return importlib.import_module(module_name)
+        with _no_bytecode():
+            return importlib.import_module(module_name)
     except ImportError as first:
         missing = getattr(first, "name", None)
         top = module_name.split(".")[0]
@@ -279,15 +383,16 @@ def _import_module(module_name: str, spec_dir: Path, spec: ModelSpec) -> ModuleT
         with _on_sys_path(folder):
             try:
                 return importlib.import_module(module_name)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise _import_failed(module_name, exc) from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise _import_failed(module_name, exc) from exc
 
 
 def _import_failed(module_name: str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(
-        f"model.factory: importing {module_name!r} failed with {type(exc).__name__}: {exc}"
+        f"model.factory: importing {module_name!r} failed with {type(exc).__name__}: "
+        f"{_one_line(exc)}"
         f"{_where(exc)}. Fix the module or install what it imports."
     )
 
@@ -296,8 +401,9 @@ def _import_file(path: Path, spec: ModelSpec) -> ModuleType:
     """Load a ``.py`` file by path under a unique module name (two specs' ``models.py`` never
     collide), with its folder on ``sys.path`` meanwhile so it can import its neighbours."""
     if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "not found"
         raise ModelLoadError(
-            f"model.factory {spec.factory!r}: {path} not found. A 'file.py:Name' factory is a "
+            f"model.factory {spec.factory!r}: {path} {problem}. A 'file.py:Name' factory is a "
             "Python file relative to the spec's folder."
         )
     path = path.resolve()
@@ -314,11 +420,11 @@ def _import_file(path: Path, spec: ModelSpec) -> ModuleType:
     try:
         with _on_sys_path(path.parent):
             module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         del sys.modules[name]
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: running {path} failed with "
-            f"{type(exc).__name__}: {exc}{_where(exc)}."
+            f"{type(exc).__name__}: {_one_line(exc)}{_where(exc)}."
         ) from exc
     return module
 
@@ -391,7 +497,8 @@ def _load_torchscript(spec: ModelSpec, path: Path) -> nn.Module:
             module: nn.Module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         raise ModelLoadError(
-            f"{path}: not a readable TorchScript archive ({type(exc).__name__}: {exc}); is it "
+            f"{path}: not a readable TorchScript archive "
+            f"({type(exc).__name__}: {_one_line(exc)}); is it "
             "truncated, or a plain checkpoint (then name the model class as model.factory and "
             "the file as model.checkpoint)?"
         ) from exc
@@ -414,6 +521,11 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
     finite tensor."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_file() and path.stat().st_size == 0:
+        raise ModelLoadError(
+            f"{path}: is empty (0 bytes), so it holds no weights; was the checkpoint written "
+            "completely? Save it again."
+        )
     if suffix == ".safetensors":
         raw: Any = _read_safetensors(path)
     elif suffix in PICKLE_SUFFIXES:
@@ -441,10 +553,15 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
             f"{path}: state dict entries {_listing(not_tensors)} are not tensors; a checkpoint "
             "must map parameter names to tensors only (save model.state_dict())."
         )
+    unusual = [f"{k} ({_kind(v)})" for k, v in raw.items() if _kind(v)]
+    if unusual:
+        raise ModelLoadError(
+            f"{path}: tensors {_listing(unusual)} are not plain dense tensors; an audit filters "
+            "weights element by element. Save dense, real, unquantized weights (e.g. "
+            "t.to_dense(), t.dequantize()) with model.state_dict()."
+        )
     not_finite = [
-        k
-        for k, v in raw.items()
-        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+        k for k, v in raw.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
     ]
     if not_finite:
         raise ModelLoadError(
@@ -454,6 +571,19 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
     return dict(raw)
 
 
+def _kind(t: torch.Tensor) -> str:
+    """What makes ``t`` unusable as a weight (sparse, meta, quantized, complex), or ``""``."""
+    if t.layout != torch.strided:
+        return f"layout {t.layout}".replace("torch.", "")
+    if t.device.type == "meta":
+        return "meta tensor without data"
+    if t.is_quantized:
+        return f"quantized {t.dtype}".replace("torch.", "")
+    if t.is_complex():
+        return f"complex {t.dtype}".replace("torch.", "")
+    return ""
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -461,7 +591,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as exc:
         raise ModelLoadError(
-            f"{path}: not a readable safetensors file ({exc}); is it truncated or another format?"
+            f"{path}: not a readable safetensors file ({_one_line(exc)}); is it truncated or "
+            "another format?"
         ) from exc
 
 
@@ -472,7 +603,8 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise ModelLoadError(
-                f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); is it truncated?"
+                f"{path}: not a readable checkpoint ({type(exc).__name__}: {_one_line(exc)}); "
+                "is it truncated?"
             ) from exc
     try:
         with warnings.catch_warnings():
@@ -482,7 +614,12 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
             warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
+        text = str(exc).lower()
+        if "weights only" not in text:
+            raise _unreadable(path, exc) from exc
+        # The restricted unpickler also stops at opcodes it does not know; that is random
+        # bytes unless the file starts like a pickle or torch's zip archive.
+        if "unsupported operand" in text and not _starts_like_a_pickle(path):
             raise _unreadable(path, exc) from exc
         refused = _refused_global(str(exc))
         raise UnsafeFileError(
@@ -504,6 +641,17 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
         raise _unreadable(path, exc) from exc
 
 
+def _starts_like_a_pickle(path: Path) -> bool:
+    """A pickle of protocol 2 or later starts with PROTO (0x80) and its number; torch.save's
+    archives are zip files whose ``data.pkl`` is one."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _refused_global(message: str) -> str:
     """`` (it references posix.system)`` from torch's refusal message, when it names one."""
     marker = "unsupported GLOBAL "
@@ -516,7 +664,8 @@ def _refused_global(message: str) -> str:
 
 def _unreadable(path: Path, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(
-        f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); is it "
+        f"{path}: not a readable PyTorch checkpoint "
+        f"({type(exc).__name__}: {_one_line(exc)}); is it "
         "truncated, or not a checkpoint at all?"
     )
 
@@ -569,7 +718,7 @@ def _load_into(
         inner.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"{path}: the weights could not be copied into the model: {exc}"
+            f"{path}: the weights could not be copied into the model: {_one_line(exc)}"
         ) from exc
 
 
@@ -598,16 +747,16 @@ def _probe_input(data: DataSpec, example_input: torch.Tensor | None) -> torch.Te
     return torch.zeros((1, *shape), dtype=torch.float32)
 
 
-def _count_outputs(module: nn.Module, probe: torch.Tensor, spec: ModelSpec) -> int:
+def _count_outputs(module: nn.Module, probe: torch.Tensor, spec: ModelSpec, source: str) -> int:
     shape = tuple(probe.shape)
     try:
         with torch.no_grad():
             out = module(probe)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ModelLoadError(
-            f"model.factory {spec.factory!r}: a forward pass on an input of shape {shape} "
-            f"failed with {type(exc).__name__}: {exc}. Check that the model's expected input "
-            "(channels, size) matches the data."
+            f"model.factory {spec.factory!r}: a forward pass on an input of shape {shape} (one "
+            f"example of {source}) failed with {type(exc).__name__}: {_one_line(exc)}. "
+            "Check that the model's expected input (channels, size) matches the data."
         ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != shape[0]:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -616,4 +765,83 @@ def _count_outputs(module: nn.Module, probe: torch.Tensor, spec: ModelSpec) -> i
             f"{got}; an audited classifier must return logits of shape N×classes. Wrap it so "
             "forward() returns only the logits."
         )
+    if out.shape[1] == 0:
+        raise ModelLoadError(
+            f"model.factory {spec.factory!r}: on an input of shape {shape} the model returned "
+            f"logits of shape {tuple(out.shape)}, with no classes; check model.kwargs "
+            "(e.g. num_classes)."
+        )
     return int(out.shape[1])
+
+
+def check_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, num_outputs: int) -> None:
+    """Run the first batch forward and backward to the input, as the attacks will.
+
+    The model was probed on one example; a forward that only works for one (``view(1, -1)``),
+    logits that are NaN, a forward that is not differentiable with respect to its input, or a
+    batch that does not fit in memory then fail here with the batch's shape named, rather
+    than from deep inside an attack. Parameters and their ``.grad`` are left untouched (only
+    the input's gradient is taken). Running out of memory is re-raised as it is, for the
+    caller to name the batch size.
+    """
+    from .devices import is_out_of_memory
+
+    shape = tuple(x.shape)
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        try:
+            out = module(leaf)
+        except (Exception, SystemExit) as exc:
+            if isinstance(exc, Exception) and is_out_of_memory(exc):
+                raise
+            raise DataError(
+                f"the model fails on a batch of shape {shape} (data.batch_size {shape[0]}) with "
+                f"{type(exc).__name__}: {_one_line(exc)}. It ran on one example, so check that "
+                "forward() handles any batch size."
+            ) from exc
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (shape[0], num_outputs):
+            got = (
+                f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            )
+            raise DataError(
+                f"on a batch of shape {shape} the model returned {got}, not logits of shape "
+                f"{(shape[0], num_outputs)}; forward() must handle any batch size."
+            )
+        if not bool(torch.isfinite(out.detach()).all()):
+            raise DataError(
+                f"the model's logits on the first batch (shape {shape}) contain NaN or Inf; "
+                "accuracies would be meaningless. Check the weights and data.normalize."
+            )
+        try:
+            loss = torch.nn.functional.cross_entropy(out, y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, leaf)
+        except (Exception, SystemExit) as exc:
+            if isinstance(exc, Exception) and is_out_of_memory(exc):
+                raise
+            raise ModelLoadError(
+                f"the model's logits are not differentiable with respect to its input "
+                f"({type(exc).__name__}: {_one_line(exc)}); attacks need that gradient. Remove "
+                "torch.no_grad(), .detach() or non-differentiable steps from forward()."
+            ) from exc
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            raise ModelLoadError(
+                "the gradient of the model's loss with respect to its input on the first batch "
+                "contains NaN or Inf; attacks could not use it. Check forward() for divisions "
+                "by zero or logs of zero."
+            )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The informative line of an exception's message, so the error stays one paragraph.
+
+    Usually the first line; torch's ``Error(s) in loading state_dict for Net:`` puts the
+    detail on the next ones, and its weights-only refusal on the line naming the opcode.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    detail = [line for line in lines if line.startswith("Unsupported operand")]
+    first = detail[0] if detail else lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        first = " ".join([first, *lines[1:3]])
+    return first if len(first) <= 300 else first[:297] + "..."

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import re
+import stat
 import types
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -19,10 +24,10 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from inferlink_audit.errors import SpecError
+from inferlink_audit.errors import AuditError, SpecError
 from inferlink_audit.spec import AuditSpec
 
-__all__ = ["load_spec", "parse_spec"]
+__all__ = ["MAX_SPEC_BYTES", "load_spec", "located_errors", "parse_spec"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -33,6 +38,13 @@ MAX_ALIASES = 100
 MAX_DEPTH = 50
 MAX_PROBLEMS = 20
 MAX_SNIPPETS = 5
+# A spec is a page of YAML; refusing big files up front keeps a mistyped path (a checkpoint,
+# /dev/zero) from being read into memory.
+MAX_SPEC_BYTES = 1 << 20
+# torch.manual_seed takes an unsigned 64-bit number; larger seeds would fail mid-run.
+MAX_SEED = 2**64 - 1
+# Keys whose values are the user's own business (passed to their factory untouched).
+_FREE_FORM: tuple[KeyPath, ...] = (("model", "kwargs"),)
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -229,7 +241,23 @@ def load_spec(path: str | os.PathLike[str]) -> AuditSpec:
     display = os.fspath(path)
     file = Path(display)
     try:
-        raw = file.read_bytes()
+        info = file.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecError(
+                f"{display}: is not a regular file (a device, pipe or socket); "
+                "pass an audit spec (.yaml file)",
+                path=display,
+            )
+        if info.st_size > MAX_SPEC_BYTES:
+            raise SpecError(
+                f"{display}: is {info.st_size:,} bytes, too large for an audit spec (at most "
+                f"{MAX_SPEC_BYTES:,}); is this the right file?",
+                path=display,
+            )
+        with file.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(
             f"{display}: no such audit spec; check the path (relative to {Path.cwd()}) "
@@ -240,11 +268,18 @@ def load_spec(path: str | os.PathLike[str]) -> AuditSpec:
         raise SpecError(
             f"{display}: is a folder, not an audit spec; pass one .yaml file", path=display
         ) from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SpecError(
-            f"{display}: cannot read the audit spec ({exc.strerror or exc}); check its permissions",
+            f"{display}: cannot read the audit spec ({reason}); check the path and its permissions",
             path=display,
         ) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(
+            f"{display}: is larger than {MAX_SPEC_BYTES:,} bytes, too large for an audit spec; "
+            "is this the right file?",
+            path=display,
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -266,6 +301,7 @@ def parse_spec(text: str, *, path: Path) -> AuditSpec:
     except ValidationError as exc:
         raise _validation_error(exc, data, marks, text, display) from None
 
+    _check_values(spec, marks, text, display)
     source_path = Path(os.path.abspath(path))
     spec = _resolve_paths(spec, source_path.parent)
     _check_files_exist(spec, marks, text, display)
@@ -277,12 +313,17 @@ def parse_spec(text: str, *, path: Path) -> AuditSpec:
 
 # --------------------------------------------------------------------------- YAML
 def _parse_yaml(text: str, display: str) -> tuple[dict[str, Any], dict[KeyPath, _Mark]]:
-    loader = _SpecLoader(text, display)
+    try:
+        loader = _SpecLoader(text, display)
+    except yaml.reader.ReaderError as exc:
+        raise _unprintable(exc, text, display) from None
     try:
         node = loader.compose_single()
         data = loader.build(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc, text, display) from None
+    except yaml.reader.ReaderError as exc:
+        raise _unprintable(exc, text, display) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{display}: cannot read YAML: {exc}", path=display) from None
     finally:
@@ -303,6 +344,21 @@ def _parse_yaml(text: str, display: str) -> tuple[dict[str, Any], dict[KeyPath, 
             line=line,
         )
     return data, loader.key_marks
+
+
+def _unprintable(exc: yaml.reader.ReaderError, text: str, display: str) -> SpecError:
+    """YAML refuses control characters (NUL, escape, ...) anywhere in the text."""
+    position = max(0, min(int(exc.position), len(text)))
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1)
+    character = exc.character if isinstance(exc.character, int) else 0
+    message = (
+        f"{display}:{line}:{column + 1}: contains the control character U+{character:04X}, "
+        'which YAML does not allow; remove it (write it as an escape such as "\\t" inside '
+        "double quotes if it is meant)"
+    )
+    snippet = _snippet(text, _Mark(line, column))
+    return SpecError(message + ("\n" + snippet if snippet else ""), path=display, line=line)
 
 
 def _syntax_error(exc: yaml.MarkedYAMLError, text: str, display: str) -> SpecError:
@@ -377,27 +433,7 @@ def _validation_error(
                 last.text += ", or " + problem.text
             continue
         problems.append(problem)
-    located = sorted(
-        enumerate(problems), key=lambda pair: (_mark_of(pair[1].path, marks).line, pair[0])
-    )
-    lines: list[str] = []
-    for shown, (_, problem) in enumerate(located[:MAX_PROBLEMS]):
-        mark = _mark_of(problem.path, marks)
-        key = _dotted(problem.path)
-        lines.append(f"{display}:{mark.line}: " + (f"{key}: " if key else "") + problem.render())
-        if shown < MAX_SNIPPETS and _has_key_mark(problem.path, marks):
-            snippet = _snippet(text, mark)
-            if snippet:
-                lines.append(snippet)
-    if len(located) > MAX_PROBLEMS:
-        lines.append(f"... and {len(located) - MAX_PROBLEMS} more problems")
-    first = located[0][1]
-    return SpecError(
-        "\n".join(lines),
-        path=display,
-        line=_mark_of(first.path, marks).line,
-        key=_dotted(first.path),
-    )
+    return _problems_error(problems, marks, text, display)
 
 
 def _describe(error: Any, data: dict[str, Any], marks: dict[KeyPath, _Mark]) -> _Problem:
@@ -542,11 +578,15 @@ def _check_files_exist(
         files.append((("baseline",), spec.baseline))
     files.extend((("compare", index), path) for index, path in enumerate(spec.compare))
     for key_path, file in files:
-        if file.is_file():
-            continue
+        try:
+            if file.is_file():
+                continue
+            problem = "is a folder, not a file" if file.is_dir() else "file not found"
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problem = f"cannot be read ({reason})"
         mark = _mark_of(key_path, marks)
         key = _dotted(key_path)
-        problem = "is a folder, not a file" if file.is_dir() else "file not found"
         message = (
             f"{display}:{mark.line}: {key}: {problem}: {file} "
             "(relative paths start at the spec's folder)"
@@ -555,6 +595,136 @@ def _check_files_exist(
         raise SpecError(
             message + ("\n" + snippet if snippet else ""), path=display, line=mark.line, key=key
         )
+
+
+def _check_values(spec: AuditSpec, marks: dict[KeyPath, _Mark], text: str, display: str) -> None:
+    """What the pydantic models accept but a run could not use: NaN or infinite numbers,
+    NUL bytes in text, a ``~user`` that does not exist, a seed torch cannot take, a name
+    with control characters (it is printed to terminals and used in report titles).
+
+    Every such problem is reported at once, in file order, like validation errors.
+    """
+    problems: list[_Problem] = []
+
+    def walk(value: Any, key_path: KeyPath) -> None:
+        if key_path in _FREE_FORM:
+            return
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), (*key_path, name))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*key_path, str(key)))
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                walk(item, (*key_path, index))
+        elif isinstance(value, float) and not math.isfinite(value):
+            hint = (
+                "leave the key out to not check it"
+                if key_path[:1] == ("checks",)
+                else "give a finite number"
+            )
+            problems.append(
+                _Problem(key_path, f"is {value}; numbers in an audit spec must be finite ({hint})")
+            )
+        elif isinstance(value, str | Path):
+            shown = os.fspath(value)
+            if "\x00" in shown:
+                problems.append(_Problem(key_path, "contains a NUL character; remove it"))
+            elif isinstance(value, Path) and shown.startswith("~"):
+                try:
+                    value.expanduser()
+                except RuntimeError:
+                    problems.append(
+                        _Problem(
+                            key_path,
+                            f"cannot expand {shown.split('/')[0]!r}: no such user's home "
+                            "folder; write the path out",
+                        )
+                    )
+
+    walk(spec, ())
+    if spec.seed > MAX_SEED:
+        problems.append(
+            _Problem(("seed",), f"must be at most {MAX_SEED} (2**64 - 1), got {spec.seed}")
+        )
+    bad = sorted(
+        {
+            f"U+{ord(char):04X}"
+            for char in spec.name
+            if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+        }
+    )
+    if bad and "\x00" not in spec.name:
+        problems.append(
+            _Problem(
+                ("name",),
+                f"contains control or invisible characters ({', '.join(bad[:5])}); "
+                "a name is one line of printable text",
+            )
+        )
+    if problems:
+        raise _problems_error(problems, marks, text, display)
+
+
+def _problems_error(
+    problems: list[_Problem], marks: dict[KeyPath, _Mark], text: str, display: str
+) -> SpecError:
+    """One ``SpecError`` listing ``problems`` in file order, each as ``file:line: key: ...``."""
+    located = sorted(
+        enumerate(problems), key=lambda pair: (_mark_of(pair[1].path, marks).line, pair[0])
+    )
+    lines: list[str] = []
+    for shown, (_, problem) in enumerate(located[:MAX_PROBLEMS]):
+        mark = _mark_of(problem.path, marks)
+        key = _dotted(problem.path)
+        lines.append(f"{display}:{mark.line}: " + (f"{key}: " if key else "") + problem.render())
+        if shown < MAX_SNIPPETS and _has_key_mark(problem.path, marks):
+            snippet = _snippet(text, mark)
+            if snippet:
+                lines.append(snippet)
+    if len(located) > MAX_PROBLEMS:
+        lines.append(f"... and {len(located) - MAX_PROBLEMS} more problems")
+    first = located[0][1]
+    return SpecError(
+        "\n".join(lines),
+        path=display,
+        line=_mark_of(first.path, marks).line,
+        key=_dotted(first.path),
+    )
+
+
+@contextmanager
+def located_errors(
+    spec: AuditSpec, key: KeyPath | Callable[[AuditError], KeyPath]
+) -> Iterator[None]:
+    """Prefix a loader's error with ``spec:line: key:`` so every message names the spec.
+
+    Model, data and device errors are found after the spec was validated, by code that knows
+    the file it read but not which spec and line asked for it. ``key`` (or a function of the
+    error that picks it) names the spec key responsible.
+    """
+    try:
+        yield
+    except SpecError:
+        raise
+    except AuditError as exc:
+        key_path = key(exc) if callable(key) else key
+        exc.args = (locate_message(spec, key_path, str(exc)),)
+        raise
+
+
+def locate_message(spec: AuditSpec, key_path: KeyPath, message: str) -> str:
+    """``spec.yaml:LINE: key: message`` (the line only when the file sets that key)."""
+    display = os.fspath(spec.source_path) if spec.source_path is not None else ""
+    dotted = _dotted(key_path)
+    line = spec._positions.get(key_path) if key_path else None
+    where = display + (f":{line}" if display and line is not None else "")
+    if display and message.startswith(display):
+        return message
+    if message.startswith(dotted) or not dotted:
+        return f"{where}: {message}" if where else message
+    return f"{where}: {dotted}: {message}" if where else f"{dotted}: {message}"
 
 
 # --------------------------------------------------------------------------- paths
@@ -612,13 +782,25 @@ def _has_key_mark(path: KeyPath, marks: dict[KeyPath, _Mark]) -> bool:
 
 
 def _snippet(text: str, mark: _Mark) -> str:
-    """The offending line with a caret under the key, as Tavern and Dagster show it."""
-    source = text.splitlines()
+    """The offending line with a caret under the key, as Tavern and Dagster show it.
+
+    Lines are split where YAML splits them, and control characters are shown as ``?`` (a
+    tab as a space), so the caret stays under its column and a hostile file cannot send
+    escape sequences to the terminal that shows the error.
+    """
+    source = _YAML_LINE_BREAK.split(text)
     if not 1 <= mark.line <= len(source):
         return ""
+    line = "".join(
+        " " if char == "\t" else "?" if unicodedata.category(char) in ("Cc", "Cf") else char
+        for char in source[mark.line - 1].rstrip()
+    )
     gutter = f"{mark.line:>5} | "
     caret = " " * (len(gutter) - 2) + "| " + " " * mark.column + "^"
-    return f"{gutter}{source[mark.line - 1].rstrip()}\n{caret}"
+    return f"{gutter}{line}\n{caret}"
+
+
+_YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
 
 
 def _show(value: Any) -> str:
