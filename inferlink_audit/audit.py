@@ -54,7 +54,16 @@ from .scores import score_curves
 from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
 from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
-from .sweep import AnalysedLayer, EvalData, Evaluator, frozen_parameters, select_layers, sweep_scope
+from .sweep import (
+    AnalysedLayer,
+    EvalData,
+    Evaluator,
+    frozen_parameters,
+    select_layers,
+    state_digest,
+    sweep_scope,
+    verify_unchanged,
+)
 
 
 class SweepCache(Protocol):
@@ -72,6 +81,7 @@ class _Prepared:
     data: EvalData
     layers: list[AnalysedLayer]
     settings: dict[str, Any]
+    digest: str  # of every parameter and buffer as loaded: checked after each piece of work
 
 
 class AuditSession:
@@ -165,7 +175,7 @@ class AuditSession:
         with located_errors(spec, ("filtering", "layers")):
             layers = select_layers(loaded.inner, spec.filtering.layers)
         self.timings["prepare"] = time.perf_counter() - t0
-        return _Prepared(loaded, device, data, layers, settings)
+        return _Prepared(loaded, device, data, layers, settings, state_digest(loaded.module))
 
     @cached_property
     def splitter(self) -> NetworkSplitter:
@@ -223,6 +233,7 @@ class AuditSession:
                 distortion_linf=float(torch.cat(linf).mean()),
                 distortion_l2=float(torch.cat(l2).mean()),
             )
+            verify_unchanged(p.loaded.module, p.digest, f"attack {attack_id}")
             self.timings[f"attack {attack_id}"] = time.perf_counter() - t0
         return self._attacks[attack_id]
 
@@ -275,6 +286,7 @@ class AuditSession:
                 checkpoint_path=Path(self.output_dir or spec.report.dir) / relative,
                 checkpoint_name=relative,
             )
+            verify_unchanged(p.loaded.module, p.digest, "remediation")
             self.timings["remediation"] = time.perf_counter() - t0
         return self._remediation
 
@@ -355,6 +367,8 @@ class AuditSession:
             if cached is None:
                 t0 = time.perf_counter()
                 cached = self._compute_sweeps(filter_name, attack_id)  # type: ignore[arg-type]
+                where = f"sweeps of {filter_name} under {attack_id}"
+                verify_unchanged(self.prepared.loaded.module, self.prepared.digest, where)
                 self.timings[f"sweep {filter_name} {attack_id}"] = time.perf_counter() - t0
                 self.computed_sweeps += 1
                 if self.cache is not None:
@@ -408,7 +422,6 @@ class AuditSession:
                         evaluator=evaluator,
                         unfiltered=unfiltered,
                         value_range=filtering.range if scope == "global" else None,
-                        where=where,
                         on_variant=partial(self.on_variant, where) if self.on_variant else None,
                     )
                 scored = score_curves(
@@ -537,6 +550,7 @@ class AuditSession:
             "numpy": np.__version__,
             "platform": platform.platform(),
             "device": describe_device(p.device),
+            "torch_threads": torch.get_num_threads(),
             "seed": self.spec.seed,
             "spec": str(self.spec.source_path or ""),
             "spec_sha256": self.spec.sha256,

@@ -155,6 +155,10 @@ def result_to_dict(result: AuditResult) -> dict[str, Any]:
 
 def result_from_dict(data: dict[str, Any]) -> AuditResult:
     """Rebuild an AuditResult from its JSON form (for merge, baselines and the report)."""
+    if not isinstance(data, dict):
+        raise AuditError(
+            f"results must be a JSON object with a 'schema' key, got {type(data).__name__}"
+        )
     if data.get("schema") != SCHEMA:
         raise AuditError(
             f"results file has schema {data.get('schema')!r}, this version reads {SCHEMA!r}: "
@@ -213,4 +217,12 @@ def read_results(path: str | Path) -> AuditResult:
         raise AuditError(
             f"{path}: cannot read results ({exc}); pass a results.json written by inferlink-audit."
         ) from None
-    return result_from_dict(data)
+    try:
+        return result_from_dict(data)
+    except AuditError as exc:
+        raise AuditError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise AuditError(
+            f"{path}: not a results.json of this version ({type(exc).__name__}: {exc}); pass the "
+            "results.json an inferlink-audit run wrote."
+        ) from None

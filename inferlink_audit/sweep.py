@@ -12,6 +12,7 @@ the sweep, and under FGSM one forward pass gives both the clean prediction and t
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -364,14 +365,31 @@ class _Scope:
             stacks.append(variants)
         return stacks
 
-    def restore_all_and_verify(self, where: str) -> None:
+    def restore_all(self) -> None:
         for t, orig in zip(self.tensors, self.originals, strict=True):
             t.data.copy_(orig)
-            if not torch.equal(t.data, orig):
-                raise IntegrityError(
-                    f"{where}: the weights were not restored bit-exactly after filtering; the "
-                    "results of this run are void. Please report this as a bug."
-                )
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, bit for bit: what "unchanged" means here."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(
+            tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()
+
+
+def verify_unchanged(model: nn.Module, expected: str, where: str) -> None:
+    """Raise IntegrityError when the model differs from the digest taken before the audit."""
+    if state_digest(model) != expected:
+        raise IntegrityError(
+            f"{where}: the model's parameters or buffers differ from what was loaded (checksum "
+            "mismatch), so the results of this run are void. A model whose forward pass changes "
+            "its own state causes this; otherwise please report it as a bug."
+        )
 
 
 def sweep_scope(
@@ -383,7 +401,6 @@ def sweep_scope(
     evaluator: Evaluator,
     unfiltered: tuple[float, float],
     value_range: tuple[float, float] | None = None,
-    where: str = "",
     on_variant: Callable[[], None] | None = None,
 ) -> Curves:
     """Evaluate the network at every threshold of ``filter_name`` over the scope ``tensors``.
@@ -423,7 +440,7 @@ def sweep_scope(
                 if on_variant is not None:
                     on_variant()
     finally:
-        scope.restore_all_and_verify(where or "sweep")
+        scope.restore_all()
     responses = [seen.get(iv, unfiltered) for iv in intervals]
     clean = [r[0] for r in responses]
     adversarial = [r[1] for r in responses]

@@ -86,3 +86,31 @@ def test_two_runs_give_identical_numbers(spec):
             k: v for k, v in d["meta"].items() if k not in ("started", "seconds", "timings")
         }
     assert a == b
+
+
+def test_a_model_that_changes_itself_voids_the_results(tmp_path):
+    """The digest taken at load is checked after every piece of work: state drift is an error."""
+    from inferlink_audit.errors import IntegrityError
+
+    (tmp_path / "drift.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Drift(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(64, 10)\n"
+        "        self.register_buffer('calls', torch.zeros(()))\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1  # a forward pass that edits the model's own state\n"
+        "        return self.fc(x.flatten(1))\n"
+    )
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            model={"factory": "drift.py:Drift"},
+            filtering={"thresholds": 3, "filters": ["pulse"], "scopes": ["global"]},
+        )
+    )
+    session = AuditSession(spec)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        session.attack_result("fgsm_eps0.1")

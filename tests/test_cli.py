@@ -125,3 +125,15 @@ def test_console_script_runs_as_a_subprocess(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert Path(tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content", ["[]", '{"schema": "inferlink-audit/results/v1"}', '{"schema": "x/v0"}']
+)
+def test_malformed_results_files_are_named(tmp_path, content):
+    from inferlink_audit.errors import AuditError
+
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(AuditError, match=str(path)):
+        read_results(path)

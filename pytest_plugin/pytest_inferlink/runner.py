@@ -110,6 +110,7 @@ class AuditPlugin:
             from inferlink_audit.audit import AuditSession
             from inferlink_audit.spec_loader import load_spec
 
+            self._share_cores()
             session = AuditSession(
                 spec, device=self.device, cache=self.cache, output_dir=self.report_dir
             )
@@ -117,6 +118,17 @@ class AuditPlugin:
             session.peer_factory = lambda peer: self.session_for(peer, load_spec(peer))
             sessions[path] = session
         return session
+
+    def _share_cores(self) -> None:
+        """On an xdist worker, give torch its share of the cores: N workers each spinning
+        os.cpu_count() threads slow a sweep down by orders of magnitude on a small machine."""
+        workerinput = getattr(self.config, "workerinput", None)
+        if workerinput is None or os.environ.get("OMP_NUM_THREADS"):
+            return
+        import torch
+
+        workers = int(workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
     def next_seq(self) -> int:
         self._seq += 1
