@@ -156,9 +156,7 @@ def result_to_dict(result: AuditResult) -> dict[str, Any]:
 def result_from_dict(data: dict[str, Any]) -> AuditResult:
     """Rebuild an AuditResult from its JSON form (for merge, baselines and the report)."""
     if not isinstance(data, dict):
-        raise AuditError(
-            f"results must be a JSON object with a 'schema' key, got {type(data).__name__}"
-        )
+        raise TypeError(f"the file holds a JSON {type(data).__name__}, not an object")
     if data.get("schema") != SCHEMA:
         raise AuditError(
             f"results file has schema {data.get('schema')!r}, this version reads {SCHEMA!r}: "
@@ -223,6 +221,5 @@ def read_results(path: str | Path) -> AuditResult:
         raise AuditError(f"{path}: {exc}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise AuditError(
-            f"{path}: not a results.json of this version ({type(exc).__name__}: {exc}); pass the "
-            "results.json an inferlink-audit run wrote."
+            f"{path}: not a results.json written by inferlink-audit ({type(exc).__name__}: {exc})"
         ) from None
