@@ -31,8 +31,7 @@ from .data import load_dataset, validate_dataset
 from .devices import (
     describe_device,
     deterministic_settings,
-    is_out_of_memory,
-    out_of_memory_error,
+    out_of_memory_as_error,
     resolve_device,
     seed_everything,
 )
@@ -156,22 +155,17 @@ class AuditSession:
                 input_range=spec.data.input_range,
                 where=dataset.description,
             )
-        try:
-            with located_errors(spec, model_key):
-                loaded.module.to(device).eval()
-                data = EvalData(dataset.x.to(device), dataset.y.to(device), spec.data.batch_size)
-                first = min(spec.data.batch_size, data.n)
-                check_batch(loaded.module, data.x[:first], data.y[:first], loaded.num_outputs)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            raise out_of_memory_error(
-                exc,
-                batch_size=spec.data.batch_size,
-                device=describe_device(device),
-                where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
-                examples=len(dataset),
-            ) from exc
+        oom = out_of_memory_as_error(
+            batch_size=spec.data.batch_size,
+            device=describe_device(device),
+            where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
+            examples=len(dataset),
+        )
+        with oom, located_errors(spec, model_key):
+            loaded.module.to(device).eval()
+            data = EvalData(dataset.x.to(device), dataset.y.to(device), spec.data.batch_size)
+            first = min(spec.data.batch_size, data.n)
+            check_batch(loaded.module, data.x[:first], data.y[:first], loaded.num_outputs)
         with located_errors(spec, ("filtering", "layers")):
             layers = select_layers(loaded.inner, spec.filtering.layers)
         self.timings["prepare"] = time.perf_counter() - t0

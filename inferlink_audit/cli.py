@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         from .audit import run_audit
-        from .devices import is_out_of_memory, out_of_memory_error
+        from .devices import out_of_memory_as_error
         from .report import render_report
         from .results import write_results
         from .summary import text_summary
@@ -110,20 +110,20 @@ def _run(args: argparse.Namespace) -> int:
         bar = tqdm(
             desc=f"audit {spec.name}", unit="variant", disable=not show_progress, leave=False
         )
+        oom = out_of_memory_as_error(
+            batch_size=spec.data.batch_size,
+            device=args.device or spec.device,
+            where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
+            examples=spec.data.limit,
+        )
         try:
-            result, _, _ = run_audit(
-                spec, device=args.device, on_variant=lambda where: bar.update(1)
-            )
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            raise out_of_memory_error(
-                exc,
-                batch_size=spec.data.batch_size,
-                device=args.device or spec.device,
-                where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
-                examples=spec.data.limit,
-            ) from exc
+            with oom:
+                result, _, _ = run_audit(
+                    spec,
+                    device=args.device,
+                    on_variant=lambda where: bar.update(1),
+                    output_dir=out,
+                )
         finally:
             bar.close()
         try:

@@ -213,21 +213,7 @@ def _check_raw_arrays(x: torch.Tensor, y: torch.Tensor, where: str) -> None:
                 f"{where}: '{key}' holds complex numbers ({value.dtype}); inputs and labels must "
                 "be real."
             )
-    if x.dim() < 2:
-        raise DataError(
-            f"{where}: inputs x have shape {tuple(x.shape)}; they must be N×... with one row per "
-            "example (e.g. N×C×H×W images or N×D features)."
-        )
-    if y.dim() != 1:
-        raise DataError(
-            f"{where}: labels y have shape {tuple(y.shape)}; they must be 1-D class indices "
-            "(not one-hot): use y.argmax(1) for one-hot labels."
-        )
-    if x.shape[0] != y.shape[0]:
-        raise DataError(
-            f"{where}: {x.shape[0]} inputs but {y.shape[0]} labels; x and y must have the same "
-            "length."
-        )
+    _check_shapes(x, y, where)
     if x.shape[0] == 0:
         raise DataError(f"{where}: x and y hold no examples; the data set is empty.")
 
@@ -399,18 +385,8 @@ def _load_image_folder(
 
 
 # --------------------------------------------------------------------------- validation
-def validate_dataset(
-    ds: Dataset, *, num_outputs: int, input_range: tuple[float, float], where: str
-) -> None:
-    """Refuse data that would make an audit's numbers meaningless, naming ``where`` they came from.
-
-    Checks: examples exist; x is N×... (at least 2-D) with one label per example; x is finite
-    and inside ``input_range`` (attacks clamp to it, so values outside would be silently
-    changed); labels are integers in [0, num_outputs).
-    """
-    x, y = ds.x, ds.y
-    if x.dim() == 0 or x.shape[0] == 0 or y.numel() == 0:
-        raise DataError(f"{where}: the data set has no examples; check the file, split and limit.")
+def _check_shapes(x: torch.Tensor, y: torch.Tensor, where: str) -> None:
+    """x is N×... with one 1-D label per example (checked at load and again at validation)."""
     if x.dim() < 2:
         raise DataError(
             f"{where}: inputs x have shape {tuple(x.shape)}; they must be N×... with one row per "
@@ -426,6 +402,21 @@ def validate_dataset(
             f"{where}: {x.shape[0]} inputs but {y.shape[0]} labels; x and y must have the same "
             "length."
         )
+
+
+def validate_dataset(
+    ds: Dataset, *, num_outputs: int, input_range: tuple[float, float], where: str
+) -> None:
+    """Refuse data that would make an audit's numbers meaningless, naming ``where`` they came from.
+
+    Checks: examples exist; x is N×... (at least 2-D) with one label per example; x is finite
+    and inside ``input_range`` (attacks clamp to it, so values outside would be silently
+    changed); labels are integers in [0, num_outputs).
+    """
+    x, y = ds.x, ds.y
+    if x.dim() == 0 or x.shape[0] == 0 or y.numel() == 0:
+        raise DataError(f"{where}: the data set has no examples; check the file, split and limit.")
+    _check_shapes(x, y, where)
     if not torch.is_floating_point(x):
         raise DataError(f"{where}: inputs x have dtype {x.dtype}; they must be floating point.")
     finite = torch.isfinite(x)

@@ -11,6 +11,8 @@ import os
 import random
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -143,6 +145,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
         text = str(exc).lower()
         return any(marker in text for marker in _OOM_MARKERS)
     return False
+
+
+@contextmanager
+def out_of_memory_as_error(
+    *, batch_size: int, device: str, where: str = "", examples: int | None = None
+) -> Iterator[None]:
+    """Turn an allocation failure inside the block into ``out_of_memory_error``'s paragraph."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_error(
+            exc, batch_size=batch_size, device=device, where=where, examples=examples
+        ) from exc
 
 
 def out_of_memory_error(

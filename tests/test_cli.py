@@ -137,3 +137,24 @@ def test_malformed_results_files_are_named(tmp_path, content):
     path.write_text(content)
     with pytest.raises(AuditError, match=str(path)):
         read_results(path)
+
+
+def test_remediated_checkpoint_goes_under_out(tmp_path):
+    spec = write_spec(
+        tmp_path,
+        data={
+            "source": "sklearn_digits",
+            "limit": 60,
+            "batch_size": 60,
+            "normalize": {"mean": [0.5], "std": [0.5]},
+            "train": {"source": "sklearn_digits", "split": "train", "limit": 120},
+        },
+        filtering={"thresholds": 3, "filters": ["pulse"], "scopes": ["local"]},
+        remediation={"selective_retrain": {"epochs": 1}},
+    )
+    assert main(["run", str(spec), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    result = read_results(tmp_path / "o" / "results.json")
+    checkpoint = result.models[0].remediation["checkpoint"]
+    assert checkpoint == "remediated/digits-small.safetensors"
+    assert (tmp_path / "o" / checkpoint).is_file()
+    assert not (tmp_path / "inferlink-report").exists()  # not the spec's default report.dir
