@@ -36,7 +36,7 @@ from .devices import (
     seed_everything,
 )
 from .errors import AuditError, DataError, SpecError
-from .filters import FilterName
+from .filters import FilterName, SortedScope
 from .models import LoadedModel, check_batch, load_model
 from .prefix import NetworkSplitter
 from .remediation import safe_file_stem, selective_retrain
@@ -109,6 +109,7 @@ class AuditSession:
         self._remediation: dict[str, Any] | None = None
         self._transfer: list[dict[str, Any]] | None = None
         self._peers: list[AuditSession] | None = None
+        self._orderings: dict[str | None, SortedScope] = {}  # by layer; None is the global scope
         self.output_dir = output_dir  # where remediated checkpoints go (default: report.dir)
         # How a compared spec's session is obtained; the pytest plugin shares its own.
         self.peer_factory: Callable[[Path], AuditSession] = lambda path: AuditSession(
@@ -391,6 +392,13 @@ class AuditSession:
             self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
         return self._evaluators[attack_id]
 
+    def _ordering(self, scope: str | None, tensors: list[torch.Tensor]) -> SortedScope:
+        """A scope's sorted values, computed once for every filter and attack (the weights
+        cannot change between sweeps: the model's digest is verified after each)."""
+        if scope not in self._orderings:
+            self._orderings[scope] = SortedScope.of(tensors, self.spec.filtering.values)
+        return self._orderings[scope]
+
     def _compute_sweeps(self, filter_name: FilterName, attack_id: str) -> list[SweepResult]:
         p = self.prepared
         filtering = self.spec.filtering
@@ -416,6 +424,7 @@ class AuditSession:
                         evaluator=evaluator,
                         unfiltered=unfiltered,
                         value_range=filtering.range if scope == "global" else None,
+                        ordering=self._ordering(layer_name, tensors),
                         on_variant=partial(self.on_variant, where) if self.on_variant else None,
                     )
                 scored = score_curves(

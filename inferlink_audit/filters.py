@@ -69,6 +69,16 @@ class SortedScope:
         sorted_values, order = torch.sort(values.to(torch.float64).cpu(), stable=True)
         return cls(order=order, sorted_values=sorted_values.numpy())
 
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor], values: Literal["signed", "magnitude"]) -> SortedScope:
+        """The sorted values of a scope's tensors (concatenated in order)."""
+        return cls.from_values(torch.cat([filter_values(t, values).cpu() for t in tensors]))
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """[min θ, max θ] of the scope, the default span of its thresholds."""
+        return float(self.sorted_values[0]), float(self.sorted_values[-1])
+
     @property
     def numel(self) -> int:
         return int(self.sorted_values.shape[0])

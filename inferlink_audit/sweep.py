@@ -26,7 +26,7 @@ from torch import nn
 
 from .attacks import FGSM, Attack
 from .errors import AuditError, IntegrityError
-from .filters import FilterName, SortedScope, filter_values, pulse_half_width, threshold_grid
+from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
 from .prefix import NetworkSplitter, live_bytes
 from .spec import LayerSelectionSpec
 
@@ -401,19 +401,20 @@ def sweep_scope(
     evaluator: Evaluator,
     unfiltered: tuple[float, float],
     value_range: tuple[float, float] | None = None,
+    ordering: SortedScope | None = None,
     on_variant: Callable[[], None] | None = None,
 ) -> Curves:
     """Evaluate the network at every threshold of ``filter_name`` over the scope ``tensors``.
 
     ``unfiltered`` is the (clean, adversarial) accuracy of the unfiltered network, reused for
-    every threshold that zeroes nothing. The tensors are restored bit-exactly before returning,
+    every threshold that zeroes nothing. ``ordering`` is the scope's sorted values when the
+    caller already has them (they do not depend on the filter or the attack). The tensors are restored bit-exactly before returning,
     also when an exception interrupts the sweep.
     """
-    flat_values = torch.cat([filter_values(t, values).cpu() for t in tensors])
-    vmin, vmax = value_range or (float(flat_values.min()), float(flat_values.max()))
+    ordering = ordering or SortedScope.of(tensors, values)
+    vmin, vmax = value_range or ordering.value_range
     grid = threshold_grid(vmin, vmax, thresholds, filter_name)
     delta = pulse_half_width(vmin, vmax, thresholds)
-    ordering = SortedScope.from_values(flat_values)
     order = ordering.order.to(tensors[0].device)
     intervals = [ordering.interval(filter_name, float(alpha), delta) for alpha in grid]
     distinct = list(dict.fromkeys(iv for iv in intervals if iv[1] > iv[0]))
