@@ -1,7 +1,8 @@
 """Speed of the sweep engine against the reference notebooks' algorithm, in one process.
 
-    python benchmarks/bench_sweep.py            # the full run (a few minutes on 2 cores)
+    python benchmarks/bench_sweep.py            # the full run (about 8 minutes on 2 idle cores)
     python benchmarks/bench_sweep.py --quick    # a tiny run (seconds), used by a test
+    python benchmarks/bench_sweep.py --help     # subset, threads, repeats, --engine-only
 
 For each workload (the bundled digits CNN, and a CIFAR-shaped ResNet-18 with random but
 seeded weights) it runs the notebook algorithm (``notebook_reference.py``) and the engine
@@ -522,8 +523,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.images, args.thresholds, args.filters = 8, 3, ["low_pass"]
-        args.layers, args.batch_sizes, args.repeats = ["conv1", "layer4.1.conv2"], [8], 1
+        args.images, args.thresholds, args.filters = 4, 3, ["low_pass"]
+        args.layers, args.batch_sizes, args.repeats = ["conv1", "layer4.1.conv2"], [4], 1
     args.batch_sizes = [b for b in args.batch_sizes if b <= args.images] or [args.images]
     return args
 

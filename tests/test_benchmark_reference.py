@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ SPEEDUP_LINE = re.compile(
     r"^speedup: \d+(\.\d+)?x exact, \d+(\.\d+)?x adversarial_source=original, "
     r"\d+(\.\d+)?x of the 3-pass limit$"
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread, and stay fast when xdist workers share the CPU
+    (two-thread OpenMP regions stall badly on an oversubscribed machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TinyResidual(nn.Module):
@@ -113,7 +126,7 @@ def test_reference_masks_follow_design() -> None:
 
 def test_quick_benchmark_runs_and_prints_the_speedup_line() -> None:
     completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_sweep.py"), "--quick"],
+        [sys.executable, str(BENCHMARKS / "bench_sweep.py"), "--quick", "--threads", "1"],
         capture_output=True,
         text=True,
         timeout=600,
