@@ -206,9 +206,14 @@ class AuditSession:
             l2: list[torch.Tensor] = []
             with frozen_parameters(model):
                 for index, xb, yb in p.data.batches():
-                    x_adv = attack(model, xb, yb, batch_index=index).adversarial
+                    out = attack(model, xb, yb, batch_index=index)
+                    x_adv = out.adversarial
                     with torch.inference_mode():
-                        clean_ok = model(xb).argmax(1) == yb
+                        # FGSM, PGD and L-BFGS already ran the clean forward pass
+                        clean_logits = out.clean_logits
+                        if clean_logits is None:
+                            clean_logits = model(xb)
+                        clean_ok = clean_logits.argmax(1) == yb
                         adv_ok = model(x_adv).argmax(1) == yb
                     correct += int(adv_ok.sum())
                     clean_correct += int(clean_ok.sum())
