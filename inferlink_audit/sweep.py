@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +29,11 @@ from .errors import AuditError, IntegrityError
 from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
 from .prefix import NetworkSplitter, live_bytes
 from .spec import LayerSelectionSpec
+
+# Variants that zero at most this many elements are recognised across scopes by the elements
+# they zero (a scope's extreme thresholds often zero the same few weights); larger ones by their
+# run of the scope's sorted values.
+MEMO_MAX_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -203,6 +208,10 @@ class Evaluator:
             ]
         self._prefix: _PrefixCache | None = None
         self.prefix_hits = 0  # local scopes that reused their prefix (for the benchmark)
+        # Responses of variants already evaluated, by the elements they zero. Exact mode only:
+        # under ``fast`` a variant's response depends on the path that computed it.
+        self.memo: dict[Hashable, tuple[float, float]] | None = None if fast else {}
+        self.memo_hits = 0
 
     @contextmanager
     def focus(self, layer: str) -> Iterator[None]:
@@ -319,31 +328,47 @@ class Curves:
 
 
 @dataclass
-class _Scope:
-    """The flat view of a scope's tensors, for masking by flat index across several tensors."""
+class ScopeWorkingCopy:
+    """A scope's tensors while one sweep filters them.
+
+    For the sweep, each tensor's ``.data`` points at a working copy and the originals are never
+    written, so restoring the model means pointing ``.data`` back: bit-exact by construction.
+    When the tensors share a dtype and device (the usual case) the working copies are slices
+    of one flat buffer, so a threshold is one indexed write however many layers it spans.
+    """
 
     tensors: list[torch.Tensor]
-    originals: list[torch.Tensor] = field(init=False)
+    originals: list[torch.Tensor] = field(init=False)  # the tensors' own data, untouched
     offsets: list[int] = field(init=False)
+    flat: torch.Tensor | None = field(init=False, default=None)  # the shared working copy
+    pristine: list[torch.Tensor] = field(init=False)  # unfiltered values of each working copy
 
     def __post_init__(self) -> None:
-        for t in self.tensors:
-            if not t.is_contiguous():
-                t.data = t.data.contiguous()
-        self.originals = [t.detach().clone() for t in self.tensors]
-        self.offsets = list(np.cumsum([0] + [t.numel() for t in self.tensors]))
+        self.offsets = [int(o) for o in np.cumsum([0] + [t.numel() for t in self.tensors])]
+        self.originals = [t.data for t in self.tensors]
+        first = self.tensors[0]
+        if all(t.dtype == first.dtype and t.device == first.device for t in self.tensors):
+            self.pristine = [torch.cat([t.detach().reshape(-1) for t in self.tensors])]
+            self.flat = self.pristine[0].clone()
+            spans = zip(self.offsets, self.offsets[1:], strict=False)
+            for t, (lo, hi) in zip(self.tensors, spans, strict=False):
+                t.data = self.flat[lo:hi].view(t.shape)
+        else:
+            self.pristine = [t.detach().reshape(-1).clone() for t in self.tensors]
+            for t, values in zip(self.tensors, self.pristine, strict=True):
+                t.data = values.clone().view(t.shape)
 
     def _split(
         self, flat_index: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.flat is not None:
+            yield self.flat, self.pristine[0], flat_index
+            return
         offsets = zip(self.offsets, self.offsets[1:], strict=False)
-        for t, orig, (lo, hi) in zip(self.tensors, self.originals, offsets, strict=True):
-            if len(self.tensors) == 1:
-                local = flat_index
-            else:
-                local = flat_index[(flat_index >= lo) & (flat_index < hi)] - lo
+        for t, orig, (lo, hi) in zip(self.tensors, self.pristine, offsets, strict=True):
+            local = flat_index[(flat_index >= lo) & (flat_index < hi)] - lo
             if local.numel():
-                yield t.data.view(-1), orig.view(-1), local
+                yield t.data.view(-1), orig, local
 
     def zero(self, flat_index: torch.Tensor) -> None:
         for flat, _, local in self._split(flat_index):
@@ -352,6 +377,38 @@ class _Scope:
     def restore(self, flat_index: torch.Tensor) -> None:
         for flat, orig, local in self._split(flat_index):
             flat[local] = orig[local]
+
+    def move(self, order: torch.Tensor, old: tuple[int, int] | None, new: tuple[int, int]) -> None:
+        """From the variant that zeroes ``order[old]`` to the one that zeroes ``order[new]``,
+        touching only their difference: along a low- or high-pass sweep the runs are nested,
+        so each threshold zeroes just the weights it adds."""
+        a0, a1 = old if old is not None else (new[0], new[0])
+        b0, b1 = new
+        for start, stop in ((a0, min(a1, b0)), (max(a0, b1), a1)):
+            if stop > start:
+                self.restore(order[start:stop])
+        for start, stop in ((b0, min(b1, a0)), (max(b0, a1), b1)):
+            if stop > start:
+                self.zero(order[start:stop])
+
+    def variant_key(self, order: torch.Tensor, start: int, stop: int, values: str) -> Hashable:
+        """What identifies the variant that zeroes ``order[start:stop]``, so that a variant met
+        again (under another filter, or in another scope) is not evaluated twice. Small runs
+        (a scope's tails, where filters and scopes coincide) are named by the elements they
+        zero; larger ones by their run of the sorted values, which filters of one scope share.
+        """
+        tensors = tuple(id(t) for t in self.tensors)
+        if start == 0 and stop == self.offsets[-1]:
+            return ("all", tensors)
+        if stop - start > MEMO_MAX_ELEMENTS:
+            return ("run", tensors, values, start, stop)
+        index = torch.sort(order[start:stop].cpu()).values
+        bounds = np.searchsorted(index.numpy(), self.offsets)
+        return tuple(
+            (id(t), index[lo:hi].sub(base).numpy().tobytes())
+            for t, base, lo, hi in zip(self.tensors, self.offsets, bounds, bounds[1:], strict=False)
+            if hi > lo
+        )
 
     def stacked_variants(self, flat_indices: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per tensor, a stack of filtered copies (one per index set), for batched evaluation."""
@@ -367,7 +424,7 @@ class _Scope:
 
     def restore_all(self) -> None:
         for t, orig in zip(self.tensors, self.originals, strict=True):
-            t.data.copy_(orig)
+            t.data = orig
 
 
 def state_digest(model: nn.Module) -> str:
@@ -418,7 +475,7 @@ def sweep_scope(
     order = ordering.order.to(tensors[0].device)
     intervals = [ordering.interval(filter_name, float(alpha), delta) for alpha in grid]
     distinct = list(dict.fromkeys(iv for iv in intervals if iv[1] > iv[0]))
-    scope = _Scope(tensors)
+    scope = ScopeWorkingCopy(tensors)
     seen: dict[tuple[int, int], tuple[float, float]] = {}
     try:
         batched = evaluator.batched_evaluation(tensors)
@@ -432,12 +489,18 @@ def sweep_scope(
                         on_variant()
         else:
             applied: tuple[int, int] | None = None
+            memo = evaluator.memo
             for start, stop in distinct:
-                if applied is not None:
-                    scope.restore(order[applied[0] : applied[1]])
-                scope.zero(order[start:stop])
-                applied = (start, stop)
-                seen[(start, stop)] = evaluator.evaluate()
+                key = scope.variant_key(order, start, stop, values) if memo is not None else None
+                if key is not None and memo is not None and key in memo:
+                    seen[(start, stop)] = memo[key]
+                    evaluator.memo_hits += 1
+                else:
+                    scope.move(order, applied, (start, stop))
+                    applied = (start, stop)
+                    seen[(start, stop)] = evaluator.evaluate()
+                    if key is not None and memo is not None:
+                        memo[key] = seen[(start, stop)]
                 if on_variant is not None:
                     on_variant()
     finally:

@@ -6,12 +6,20 @@ import hashlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from inferlink_audit.attacks import FGSM
 from inferlink_audit.scores import score_curves
 from inferlink_audit.spec import FGSMSpec
-from inferlink_audit.sweep import EvalData, Evaluator, frozen_parameters, sweep_scope
+from inferlink_audit.sweep import (
+    EvalData,
+    Evaluator,
+    ScopeWorkingCopy,
+    frozen_parameters,
+    sweep_scope,
+)
 
 from .naive_reference import naive_scores, naive_sweep
 
@@ -172,3 +180,96 @@ def test_interrupted_sweep_still_restores_weights(tiny):
             )
     assert _digest(model) == before
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_sweep_never_writes_the_models_own_tensors(tiny):
+    """The sweep edits working copies; the model's own storage keeps its address and bits."""
+    model, x, y = tiny
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    with frozen_parameters(model):
+        evaluator = Evaluator(
+            model, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered"
+        )
+        sweep_scope(
+            [model.conv.weight, model.fc.weight],
+            "low_pass",
+            thresholds=7,
+            values="signed",
+            evaluator=evaluator,
+            unfiltered=evaluator.evaluate(),
+        )
+    for name, p in model.named_parameters():
+        pointer, values = before[name]
+        assert p.data_ptr() == pointer, name
+        assert torch.equal(p.detach(), values), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=8))
+def test_moving_between_runs_leaves_exactly_the_new_run_zeroed(runs):
+    """Whatever the previous run, after ``move`` exactly ``order[new]`` is zero."""
+    a, b = torch.arange(1.0, 13.0).reshape(3, 4), torch.arange(13.0, 31.0).reshape(2, 9)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(len(runs)))
+    scope = ScopeWorkingCopy([a, b])
+    try:
+        previous = None
+        for lo, hi in runs:
+            new = (min(lo, hi), max(lo, hi))
+            scope.move(order, previous, new)
+            previous = new
+            expected = torch.arange(1.0, 31.0)
+            expected[order[new[0] : new[1]]] = 0
+            assert torch.equal(torch.cat([a.reshape(-1), b.reshape(-1)]), expected)
+    finally:
+        scope.restore_all()
+    assert torch.equal(a.reshape(-1), torch.arange(1.0, 13.0))
+    assert torch.equal(b.reshape(-1), torch.arange(13.0, 31.0))
+
+
+def _sweep(model, evaluator, unfiltered, tensors, filter_name):
+    return sweep_scope(
+        tensors,
+        filter_name,
+        thresholds=9,
+        values="signed",
+        evaluator=evaluator,
+        unfiltered=unfiltered,
+    )
+
+
+def test_variants_met_again_are_taken_from_the_memo_with_the_same_numbers(tiny):
+    """Low- and high-pass both end by zeroing the whole layer, and a global sweep's first
+    low-pass threshold zeroes the same single weight as the local one of the layer holding the
+    largest weight: each is evaluated once, and the numbers equal a fresh evaluation's."""
+    model, x, y = tiny
+    attack = FGSM(FGSMSpec(eps=EPS), (0, 1), 0)
+    holder = max([model.conv.weight, model.fc.weight], key=lambda t: float(t.detach().max()))
+    runs = [
+        ([holder], "low_pass"),
+        ([holder], "high_pass"),
+        ([model.conv.weight, model.fc.weight], "low_pass"),
+    ]
+    with frozen_parameters(model):
+        shared = Evaluator(model, EvalData(x, y, 64), attack, "filtered")
+        unfiltered = shared.evaluate()
+        calls = []
+        plain = shared.evaluate
+
+        def counted():
+            calls.append(1)
+            return plain()
+
+        shared.evaluate = counted
+        remembered = [_sweep(model, shared, unfiltered, t, f) for t, f in runs]
+        fresh = [
+            _sweep(
+                model, Evaluator(model, EvalData(x, y, 64), attack, "filtered"), unfiltered, t, f
+            )
+            for t, f in runs
+        ]
+    assert shared.memo_hits >= 2
+    assert len(calls) == sum(c.evaluated_variants for c in remembered) - shared.memo_hits
+    for got, expected in zip(remembered, fresh, strict=True):
+        assert got.clean_accuracy == expected.clean_accuracy
+        assert got.adversarial_accuracy == expected.adversarial_accuracy
+        assert got.evaluated_variants == expected.evaluated_variants
