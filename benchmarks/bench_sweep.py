@@ -81,21 +81,31 @@ class Workload:
     batch_sizes: list[int]  # candidates for the 3-pass limit; the fastest is used throughout
     repeats: int
     pass_seconds: float = 1.0  # time each pass measurement at least this long (min of many)
+    values: ref.Values = "signed"
+    input_range: tuple[float, float] = (0.0, 1.0)
 
     def describe(self) -> str:
         shape = "×".join(str(d) for d in self.x.shape[1:])
+        local = f"local layers {', '.join(self.layers)}" if self.layers else "no local scope"
+        global_ = (
+            f"global ({len(self.global_layers)} layers, "
+            f"{sum(self.weight(n).numel() for n in self.global_layers):,} weights)"
+            if self.global_layers
+            else "no global scope"
+        )
         return (
-            f"{self.name}: {self.x.shape[0]} examples of {shape}, local layers "
-            f"{', '.join(self.layers)} + global ({len(self.global_layers)} layers, "
-            f"{sum(self.weight(n).numel() for n in self.global_layers):,} weights); filters "
-            f"{', '.join(self.filters)}; {self.thresholds} thresholds; FGSM eps={self.eps:g}"
+            f"{self.name}: {self.x.shape[0]} examples of {shape}, {local} + {global_}; filters "
+            f"{', '.join(self.filters)}; {self.thresholds} thresholds, {self.values} values; "
+            f"FGSM eps={self.eps:g}"
         )
 
     def weight(self, layer: str) -> torch.Tensor:
         return dict(self.inner.named_modules())[layer].weight
 
     def weight_names(self) -> dict[str, str]:
-        return {n: f"{self.state_prefix}{n}.weight" for n in self.global_layers}
+        """State-dict keys of every filtered weight, the global scope's first (in its order)."""
+        names = dict.fromkeys(self.global_layers + self.layers)
+        return {n: f"{self.state_prefix}{n}.weight" for n in names}
 
 
 # --------------------------------------------------------------------------- workloads
@@ -185,6 +195,46 @@ def resnet_workload(args: argparse.Namespace) -> Workload:
     )
 
 
+def spec_workload(path: Path, repeats: int) -> Workload:
+    """The model, data, scopes, layers, filters, thresholds and values of an audit spec, so the
+    benchmark runs on any model an audit can load (its first FGSM attack; ε = 8/255 without
+    one). It refuses what the reference does not implement instead of timing something else."""
+    from inferlink_audit.audit import AuditSession
+    from inferlink_audit.spec_loader import load_spec
+
+    spec = load_spec(path)
+    filtering = spec.filtering
+    if filtering.layers.parameters != ["weight"] or filtering.range is not None:
+        raise SystemExit(
+            f"{path}: the reference filters each layer's .weight over its own value range; "
+            "remove filtering.layers.parameters and filtering.range to benchmark this spec."
+        )
+    prepared = AuditSession(spec, device="cpu").prepared
+    loaded = prepared.loaded
+    names = [layer.name for layer in prepared.layers]
+    eps = next((a.eps for a in spec.attack_specs if isinstance(a, FGSMSpec)), 8 / 255)
+    n = prepared.data.n
+    batch_sizes = sorted({min(spec.data.batch_size, n), *(b for b in (64, 128, 256) if b < n)})
+    return Workload(
+        name=spec.name,
+        model=loaded.module,
+        inner=loaded.inner,
+        preprocess=loaded.module.normalize,
+        state_prefix="model.",
+        x=prepared.data.x.contiguous(),
+        y=prepared.data.y.contiguous(),
+        layers=names if "local" in filtering.scopes else [],
+        global_layers=names if "global" in filtering.scopes else [],
+        filters=list(filtering.filters),
+        thresholds=filtering.thresholds,
+        eps=eps,
+        batch_sizes=batch_sizes,
+        repeats=repeats,
+        values=filtering.values,
+        input_range=spec.data.input_range,
+    )
+
+
 # --------------------------------------------------------------------------- measuring
 @dataclass(frozen=True)
 class Timing:
@@ -229,6 +279,7 @@ class PassTimes:
 def time_passes(w: Workload, batch_size: int, repeats: int) -> PassTimes:
     """Whole-set passes at one batch size, each the fastest of several runs."""
     model, eps = w.model, w.eps
+    lo, hi = w.input_range
 
     def forward() -> None:
         with torch.inference_mode():
@@ -241,7 +292,7 @@ def time_passes(w: Workload, batch_size: int, repeats: int) -> PassTimes:
             loss = F.cross_entropy(model(xb), w.y[start : start + batch_size], reduction="sum")
             (grad,) = torch.autograd.grad(loss, xb)
             with torch.inference_mode():
-                model((xb.detach() + eps * grad.sign()).clamp_(0.0, 1.0))
+                model((xb.detach() + eps * grad.sign()).clamp_(lo, hi))
 
     notebook_model = ref.prepare(model)  # a copy whose parameters require gradients
 
@@ -255,7 +306,7 @@ def time_passes(w: Workload, batch_size: int, repeats: int) -> PassTimes:
             F.cross_entropy(notebook_model(xb), yb, reduction="sum").backward()
             assert xb.grad is not None
             with torch.no_grad():
-                notebook_model((xb.detach() + eps * xb.grad.sign()).clamp_(0.0, 1.0))
+                notebook_model((xb.detach() + eps * xb.grad.sign()).clamp_(lo, hi))
 
     with frozen_parameters(model):
         three_pass()  # warm-up: allocator and kernel selection
@@ -277,10 +328,12 @@ class EngineRun:
     focus_seconds: dict[str, float] = field(default_factory=dict)
     sweep_seconds: dict[str, float] = field(default_factory=dict)  # sweep_scope, per scope
     setup_seconds: float = 0.0
+    memo_hits: int = 0  # variants met again under another filter or scope, not re-evaluated
 
     @property
     def evaluated_variants(self) -> int:
-        return 1 + sum(c.evaluated_variants for c in self.curves.values())
+        """Distinct variants actually evaluated, the unfiltered network included."""
+        return 1 + sum(c.evaluated_variants for c in self.curves.values()) - self.memo_hits
 
 
 @contextlib.contextmanager
@@ -300,7 +353,7 @@ def run_engine(
     splitter = NetworkSplitter(w.inner, w.preprocess)
     modules = dict(w.inner.named_modules())
     with frozen_parameters(w.model):
-        attack = FGSM(FGSMSpec(eps=w.eps), (0.0, 1.0), 0)
+        attack = FGSM(FGSMSpec(eps=w.eps), w.input_range, 0)
         evaluator = Evaluator(
             w.model,
             EvalData(w.x, w.y, batch_size),
@@ -331,25 +384,29 @@ def run_engine(
                             [modules[layer].weight],
                             filter_name,
                             thresholds=w.thresholds,
-                            values="signed",
+                            values=w.values,
                             evaluator=evaluator,
                             unfiltered=unfiltered,
                         )
+            if not w.global_layers:
+                continue
             scope_key = "global"
             with _timed(run.sweep_seconds, "global"):
                 run.curves[("global", filter_name)] = sweep_scope(
                     [modules[n].weight for n in w.global_layers],
                     filter_name,
                     thresholds=w.thresholds,
-                    values="signed",
+                    values=w.values,
                     evaluator=evaluator,
                     unfiltered=unfiltered,
                 )
         run.prefix_hits = evaluator.prefix_hits
+        run.memo_hits = evaluator.memo_hits
     return run
 
 
 def run_reference(w: Workload, source: Source, batch_size: int) -> ref.ReferenceRun:
+    scopes = [s for s, on in (("local", w.layers), ("global", w.global_layers)) if on]
     return ref.run_notebook_audit(
         w.model,
         w.layers,
@@ -359,7 +416,10 @@ def run_reference(w: Workload, source: Source, batch_size: int) -> ref.Reference
         ref.ArrayDataset.from_tensors(w.x, w.y),
         eps=w.eps,
         batch_size=batch_size,
+        scopes=scopes,
         adversarial_source=source,
+        input_range=w.input_range,
+        values=w.values,
     )
 
 
@@ -457,9 +517,10 @@ def _print_breakdown(run: EngineRun, w: Workload, mode: str, unit: float, unit_n
     """Where the engine's time went, per scope, against whole-network passes (``unit``)."""
     print(
         f"   engine {mode} (fastest run): setup + unfiltered {run.setup_seconds:.2f} s; "
-        f"prefix reuse in {run.prefix_hits}/{len(w.layers) * len(w.filters)} local sweeps"
+        f"prefix reuse in {run.prefix_hits}/{len(w.layers) * len(w.filters)} local sweeps; "
+        f"{run.memo_hits} variants met again under another filter or scope (not re-evaluated)"
     )
-    for scope in [*w.layers, "global"]:
+    for scope in [*w.layers, *(["global"] if w.global_layers else [])]:
         calls = run.evaluate_calls.get(scope, 0)
         seconds = run.evaluate_seconds.get(scope, 0.0)
         per = seconds / calls if calls else float("nan")
@@ -519,6 +580,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="ResNet-18 runs per side (min)")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument(
+        "--spec",
+        type=Path,
+        help="benchmark the model, data and filtering of this audit spec instead of the "
+        "built-in workloads (its first FGSM attack; --repeats runs per side)",
+    )
+    parser.add_argument(
         "--engine-only", action="store_true", help="skip the reference (scaling measurements)"
     )
     args = parser.parse_args(argv)
@@ -538,18 +605,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     started = time.perf_counter()
     results = []
-    if not args.skip_digits:
-        results.append(
-            benchmark(digits_workload(args.quick, 1 if args.quick else 3), args.engine_only)
-        )
-    resnet = benchmark(resnet_workload(args), args.engine_only)
-    results.append(resnet)
+    if args.spec is not None:
+        main_result = benchmark(spec_workload(args.spec, args.repeats), args.engine_only)
+    else:
+        if not args.skip_digits:
+            results.append(
+                benchmark(digits_workload(args.quick, 1 if args.quick else 3), args.engine_only)
+            )
+        main_result = benchmark(resnet_workload(args), args.engine_only)
+    results.append(main_result)
     print_table(results)
     print(
         f"\nwall time {time.perf_counter() - started:.0f} s, load average "
-        f"{os.getloadavg()[0]:.2f} at the end; the speedup line is for {resnet.name}:"
+        f"{os.getloadavg()[0]:.2f} at the end; the speedup line is for {main_result.name}:"
     )
-    exact, original, _, of_limit = resnet.speedups("wall")
+    exact, original, _, of_limit = main_result.speedups("wall")
     if args.engine_only:
         print(f"engine-only run (no reference, no speedup): {of_limit:.2f}x of the 3-pass limit")
         return

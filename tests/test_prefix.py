@@ -131,6 +131,9 @@ def test_fast_mode_vmaps_thresholds_and_matches_exact(layer):
             ev = Evaluator(
                 model, data, atk, "original", splitter=splitter, prefix_budget=1 << 30, fast=fast
             )
+            with ev.focus(layer):
+                assert ev.batched_evaluation([weight]) is None  # on CPU it measured slower
+            ev.batching_devices = ("cpu",)  # so that the vmap path is tested here
             unfiltered = ev.evaluate()
             with ev.focus(layer):
                 assert (ev.batched_evaluation([weight]) is not None) == fast
