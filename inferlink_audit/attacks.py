@@ -3,15 +3,16 @@
 Every attack is batched, puts the model in eval mode, never changes its weights or mode, and
 returns the adversarial inputs together with the clean logits when it computed them anyway
 (FGSM's forward pass gives both the gradient and the clean prediction, which lets the sweep
-engine spend three passes per variant instead of four). Randomness comes from generators
-seeded per batch, so a run is reproducible and every filtered network sees the same noise.
+engine spend three passes per variant instead of four). Randomness is drawn per example
+(in fixed chunks of the data, each from its own seeded generator), so a run is reproducible,
+every filtered network sees the same noise, and the numbers do not depend on the batch size.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import final
+from typing import Literal, final
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from .errors import UnsupportedError
 from .spec import AttackSpec, FGSMSpec, GaussianSpec, LBFGSSpec, PGDSpec
+
+EXAMPLE_CHUNK = 64  # examples per seeded draw, and per joint L-BFGS problem
 
 
 @dataclass(frozen=True)
@@ -45,26 +48,57 @@ class Attack(ABC):
 
     @final
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int = 0
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int = 0
     ) -> AttackOutput:
+        """Attack the examples ``offset, offset + 1, ...`` of the data (``x`` is that slice)."""
         was_training = model.training
         model.eval()
         try:
             with torch.enable_grad():
-                out = self.run(model, x.detach(), y, batch_index=batch_index)
+                out = self.run(model, x.detach(), y, offset=offset)
         finally:
             model.train(was_training)
         return AttackOutput(out.adversarial.detach(), out.clean_logits)
 
     @abstractmethod
     def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int
     ) -> AttackOutput: ...
 
-    def _generator(self, device: torch.device, batch_index: int) -> torch.Generator:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed * 1_000_003 + batch_index)
-        return generator
+    def _random(
+        self,
+        kind: Literal["uniform", "normal", "integers"],
+        count: int,
+        shape: tuple[int, ...],
+        *,
+        offset: int,
+        like: torch.Tensor,
+        stream: int = 0,
+        high: int = 2,
+    ) -> torch.Tensor:
+        """Random values for examples ``offset .. offset + count - 1``, each of ``shape``.
+
+        They are drawn in chunks of ``EXAMPLE_CHUNK`` examples of the data, chunk ``c`` from a
+        generator seeded by (seed, stream, c), so an example gets the same values whatever
+        the batch it falls in. ``stream`` keeps independent draws of one attack apart.
+        """
+        device, dtype = like.device, like.dtype
+        first, last = offset // EXAMPLE_CHUNK, (offset + count - 1) // EXAMPLE_CHUNK
+        parts = []
+        for chunk in range(first, last + 1):
+            seed = int(np.random.SeedSequence([self.seed, stream, chunk]).generate_state(1)[0])
+            gen = torch.Generator(device=device).manual_seed(seed)
+            size = (EXAMPLE_CHUNK, *shape)
+            if kind == "uniform":
+                block = torch.rand(size, generator=gen, device=device, dtype=dtype)
+            elif kind == "normal":
+                block = torch.randn(size, generator=gen, device=device, dtype=dtype)
+            else:
+                block = torch.randint(0, high, size, generator=gen, device=device)
+            base = chunk * EXAMPLE_CHUNK
+            lo, hi = max(offset, base) - base, min(offset + count, base + EXAMPLE_CHUNK) - base
+            parts.append(block[lo:hi])
+        return torch.cat(parts)
 
 
 def _loss_gradient(
@@ -87,7 +121,7 @@ class FGSM(Attack):
     spec: FGSMSpec
 
     def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int
     ) -> AttackOutput:
         grad, logits = _loss_gradient(model, x, y)
         return AttackOutput(self.step(x, grad), logits)
@@ -110,25 +144,19 @@ class PGD(Attack):
     spec: PGDSpec
 
     def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int
     ) -> AttackOutput:
         eps, step = self.spec.eps, self.spec.effective_step_size
         linf = self.spec.norm == "linf"
         delta = torch.zeros_like(x)
         if self.spec.random_start:
-            gen = self._generator(x.device, batch_index)
+            n, shape = x.shape[0], tuple(x.shape[1:])
             if linf:
-                delta = (
-                    torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1
-                ) * eps
+                delta = (self._random("uniform", n, shape, offset=offset, like=x) * 2 - 1) * eps
             else:
-                direction = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-                radius = torch.rand(
-                    (x.shape[0],) + (1,) * (x.dim() - 1),
-                    generator=gen,
-                    device=x.device,
-                    dtype=x.dtype,
-                )
+                direction = self._random("normal", n, shape, offset=offset, like=x)
+                radius = self._random("uniform", n, (), offset=offset, like=x, stream=1)
+                radius = radius.view(-1, *([1] * (x.dim() - 1)))
                 delta = direction / _per_example_norm(direction) * radius * eps
             delta = (x + delta).clamp(self.lo, self.hi) - x
         clean_logits: torch.Tensor | None = None
@@ -152,10 +180,9 @@ class GaussianNoise(Attack):
     model_dependent = False
 
     def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int
     ) -> AttackOutput:
-        gen = self._generator(x.device, batch_index)
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        noise = self._random("normal", x.shape[0], tuple(x.shape[1:]), offset=offset, like=x)
         return AttackOutput((x + self.spec.sigma * noise).clamp(self.lo, self.hi), None)
 
 
@@ -166,26 +193,29 @@ class BoxLBFGS(Attack):
     norm keeps the objective smooth at r = 0. c is searched per example (a bracketing search
     in log space): the largest c whose minimiser still reaches the target class gives the
     smallest distortion found. Examples that never reach their target are returned unchanged.
-    The examples of a batch are optimised jointly (their objectives are independent, so the
-    sum's minimiser is every example's minimiser) by SciPy's L-BFGS-B with the box as bounds.
+    The examples of each chunk of ``EXAMPLE_CHUNK`` examples of the data are optimised
+    jointly (their objectives are independent, so the sum's minimiser is every example's
+    minimiser) by SciPy's L-BFGS-B with the box as bounds; the chunks are fixed by the
+    examples' positions, so batch sizes that are multiples of the chunk give the same numbers.
     """
 
     spec: LBFGSSpec
     searches = 6  # values of c tried per example
     initial_c = 1.0
 
-    def _targets(self, y: torch.Tensor, classes: int, batch_index: int) -> torch.Tensor:
+    def _targets(self, y: torch.Tensor, classes: int, offset: int) -> torch.Tensor:
         target = self.spec.target
         if target == "next":
             return (y + 1) % classes
         if target == "random":
-            gen = self._generator(torch.device("cpu"), batch_index)
-            shift = torch.randint(1, classes, y.shape, generator=gen).to(y.device)
-            return (y + shift) % classes
+            shift = 1 + self._random(
+                "integers", y.shape[0], (), offset=offset, like=y.cpu(), high=classes - 1
+            )
+            return (y + shift.to(y.device)) % classes
         return torch.full_like(y, int(target))
 
     def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_index: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int
     ) -> AttackOutput:
         with torch.no_grad():
             clean_logits = model(x)
@@ -195,7 +225,17 @@ class BoxLBFGS(Attack):
                 f"attack {self.spec.id}: target class {self.spec.target} does not exist; the "
                 f"model has {classes} outputs"
             )
-        target = self._targets(y, classes, batch_index)
+        target = self._targets(y, classes, offset)
+        best = x.clone()
+        start, n = 0, x.shape[0]
+        while start < n:
+            stop = min(n, ((offset + start) // EXAMPLE_CHUNK + 1) * EXAMPLE_CHUNK - offset)
+            best[start:stop] = self._search(model, x[start:stop], target[start:stop])
+            start = stop
+        return AttackOutput(best.clamp(self.lo, self.hi), clean_logits)
+
+    def _search(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per example, the least distorted input found that reaches its target (x if none)."""
         n = x.shape[0]
         c = np.full(n, self.initial_c)
         low = np.zeros(n)  # largest c known to succeed (0: none yet)
@@ -220,7 +260,7 @@ class BoxLBFGS(Attack):
             c = np.where(
                 np.isinf(high), c * 10.0, np.where(low == 0, c / 10.0, np.sqrt(low * high))
             )
-        return AttackOutput(best.clamp(self.lo, self.hi), clean_logits)
+        return best
 
     def _minimise(
         self,

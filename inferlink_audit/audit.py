@@ -25,6 +25,7 @@ import torch
 
 from . import __version__
 from .attacks import Attack, build_attack
+from .batching import auto_batch_size
 from .checks import PlannedCheck, evaluate_check, is_check, plan_checks
 from .compare import label_consistency, transferability
 from .data import load_dataset, validate_dataset
@@ -81,6 +82,7 @@ class _Prepared:
     layers: list[AnalysedLayer]
     settings: dict[str, Any]
     digest: str  # of every parameter and buffer as loaded: checked after each piece of work
+    batch_note: str  # where data.batch_size came from
 
 
 class AuditSession:
@@ -164,13 +166,23 @@ class AuditSession:
         )
         with oom, located_errors(spec, model_key):
             loaded.module.to(device).eval()
-            data = EvalData(dataset.x.to(device), dataset.y.to(device), spec.data.batch_size)
-            first = min(spec.data.batch_size, data.n)
+            x, y = dataset.x.to(device), dataset.y.to(device)
+            batch_size, batch_note = spec.data.batch_size, "from the spec"
+            if batch_size == "auto":
+                check_batch(loaded.module, x[:1], y[:1], loaded.num_outputs)
+                with frozen_parameters(loaded.module):
+                    choice = auto_batch_size(loaded.module, x, y, spec.data.input_range)
+                batch_size = choice.batch_size
+                batch_note = choice.describe()
+            data = EvalData(x, y, batch_size)
+            first = min(batch_size, data.n)
             check_batch(loaded.module, data.x[:first], data.y[:first], loaded.num_outputs)
         with located_errors(spec, ("filtering", "layers")):
             layers = select_layers(loaded.inner, spec.filtering.layers)
         self.timings["prepare"] = time.perf_counter() - t0
-        return _Prepared(loaded, device, data, layers, settings, state_digest(loaded.module))
+        return _Prepared(
+            loaded, device, data, layers, settings, state_digest(loaded.module), batch_note
+        )
 
     @cached_property
     def splitter(self) -> NetworkSplitter:
@@ -206,7 +218,7 @@ class AuditSession:
             l2: list[torch.Tensor] = []
             with frozen_parameters(model):
                 for index, xb, yb in p.data.batches():
-                    out = attack(model, xb, yb, batch_index=index)
+                    out = attack(model, xb, yb, offset=index * p.data.batch_size)
                     x_adv = out.adversarial
                     with torch.inference_mode():
                         # FGSM, PGD and L-BFGS already ran the clean forward pass
@@ -255,9 +267,7 @@ class AuditSession:
                 input_range=spec.data.input_range,
                 where=train_set.description,
             )
-            train = EvalData(
-                train_set.x.to(p.device), train_set.y.to(p.device), spec.data.batch_size
-            )
+            train = EvalData(train_set.x.to(p.device), train_set.y.to(p.device), p.data.batch_size)
             fragile: set[str] = set()
             for f in spec.filtering.filters:
                 for a in spec.attack_specs:
@@ -559,6 +569,7 @@ class AuditSession:
             "platform": platform.platform(),
             "device": describe_device(p.device),
             "torch_threads": torch.get_num_threads(),
+            "batch_size": f"{p.data.batch_size} ({p.batch_note})",
             "seed": self.spec.seed,
             "spec": str(self.spec.source_path or ""),
             "spec_sha256": self.spec.sha256,

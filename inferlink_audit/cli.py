@@ -40,7 +40,7 @@ data:
   source: sklearn_digits      # sklearn_digits | tensors (path: test.pt) | torchvision (name, root)
   split: test
   limit: 512
-  batch_size: 256
+  batch_size: 256             # or auto: the largest batch that fits the device
   input_range: [0, 1]
 filtering:
   scopes: [local, global]

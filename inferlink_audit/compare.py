@@ -69,7 +69,7 @@ def transferability(sessions: Sequence[AuditSession]) -> list[dict[str, Any]]:
             attack = source._attack(spec.id)
             model = source.prepared.loaded.module
             crafted = [
-                attack(model, xb, yb, batch_index=index).adversarial
+                attack(model, xb, yb, offset=index * source.prepared.data.batch_size).adversarial
                 for index, xb, yb in source.prepared.data.batches()
             ]
             x_adv = torch.cat(crafted)

@@ -149,7 +149,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 @contextmanager
 def out_of_memory_as_error(
-    *, batch_size: int, device: str, where: str = "", examples: int | None = None
+    *, batch_size: int | str, device: str, where: str = "", examples: int | None = None
 ) -> Iterator[None]:
     """Turn an allocation failure inside the block into ``out_of_memory_error``'s paragraph."""
     try:
@@ -165,7 +165,7 @@ def out_of_memory_as_error(
 def out_of_memory_error(
     exc: BaseException,
     *,
-    batch_size: int,
+    batch_size: int | str,
     device: str,
     where: str = "",
     examples: int | None = None,
@@ -179,6 +179,13 @@ def out_of_memory_error(
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if len(first) > 200:
         first = first[:197] + "..."
+    if isinstance(batch_size, str):  # "auto": the size it chose is in the run's metadata
+        return ResourceError(
+            f"{prefix}out of memory on device {device} with data.batch_size {batch_size} "
+            f"({type(exc).__name__}: {first}); a later pass needed more memory than the probe "
+            "batch showed: set data.batch_size to a number (start with 32) in the spec and run "
+            "again."
+        )
     used = batch_size if examples is None else max(1, min(batch_size, examples))
     size = f"data.batch_size {batch_size}" + (
         f" (batches of {used}, the whole test set)" if used != batch_size else ""
@@ -192,6 +199,25 @@ def out_of_memory_error(
         f"({type(exc).__name__}: {first}); {advice}. The test set itself is held on the "
         "device too: data.limit makes it smaller."
     )
+
+
+CPU_BATCH_BUDGET = 1 << 30  # beyond this, larger CPU batches only cost memory, not time
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a test batch may use on ``device``: half of what is free on a CUDA device; on
+    the CPU an eighth of the physical memory, at most ``CPU_BATCH_BUDGET``; elsewhere (XLA,
+    MPS), where free memory cannot be queried, ``CPU_BATCH_BUDGET``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    if device.type == "cpu":
+        try:
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return CPU_BATCH_BUDGET
+        return int(min(CPU_BATCH_BUDGET, physical // 8))
+    return CPU_BATCH_BUDGET
 
 
 def synchronize(device: torch.device) -> None:

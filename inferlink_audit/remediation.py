@@ -46,7 +46,7 @@ def _accuracies(model: nn.Module, data: EvalData, attack: Attack) -> tuple[float
     model.eval()
     clean = adversarial = 0
     for index, xb, yb in data.batches():
-        out = attack(model, xb, yb, batch_index=index)
+        out = attack(model, xb, yb, offset=index * data.batch_size)
         with torch.inference_mode():
             logits = out.clean_logits if out.clean_logits is not None else model(xb)
             clean += int((logits.argmax(1) == yb).sum())
@@ -77,7 +77,7 @@ def _train(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(settings.epochs):
         order = torch.randperm(train.n, generator=generator).to(train.x.device)
-        for index, start in enumerate(range(0, train.n, train.batch_size)):
+        for start in range(0, train.n, train.batch_size):
             batch = order[start : start + train.batch_size]
             x, y = train.x[batch], train.y[batch]
             n_adv = round(settings.adversarial_mix * len(batch))
@@ -85,7 +85,7 @@ def _train(
                 # the attack switches to eval mode and back, so the examples are crafted
                 # against the model as it is now, without touching BatchNorm statistics
                 x = x.clone()
-                x[:n_adv] = mix_attack(model, x[:n_adv], y[:n_adv], batch_index=index).adversarial
+                x[:n_adv] = mix_attack(model, x[:n_adv], y[:n_adv], offset=start).adversarial
             model.train()
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()

@@ -122,7 +122,8 @@ class DataSourceSpec(_Strict):
 class DataSpec(DataSourceSpec):
     """The test set the audit measures on, and how inputs are scaled."""
 
-    batch_size: PositiveInt = 256
+    # A number, or "auto": the largest batch that fits the device, measured (see batching).
+    batch_size: PositiveInt | Literal["auto"] = 256
     input_range: tuple[float, float] = (0.0, 1.0)
     normalize: NormalizeSpec | None = None
     train: DataSourceSpec | None = None

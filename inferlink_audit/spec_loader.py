@@ -427,10 +427,8 @@ def _validation_error(
         # A value that fits no branch of a union (lbfgs target: 'next' | 'random' | int)
         # yields one error per branch; say it once, with every accepted form.
         if last is not None and last.path == problem.path and last.got == problem.got:
-            if last.text.startswith("expected ") and problem.text.startswith("expected "):
+            if problem.text not in last.text:
                 last.text += ", or " + problem.text.removeprefix("expected ")
-            elif problem.text not in last.text:
-                last.text += ", or " + problem.text
             continue
         problems.append(problem)
     return _problems_error(problems, marks, text, display)

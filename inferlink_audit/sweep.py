@@ -117,7 +117,7 @@ def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((logits.argmax(dim=1) == y).sum().item())
 
 
-def _saved_bytes_of(fn: Callable[[], Any]) -> tuple[Any, int]:
+def saved_bytes_of(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run ``fn`` and count the bytes autograd saves for its backward pass."""
     total = 0
 
@@ -208,7 +208,8 @@ class Evaluator:
         self.fixed_adversarial: list[torch.Tensor] | None = None
         if source == "original" or not attack.model_dependent:
             self.fixed_adversarial = [
-                attack(model, xb, yb, batch_index=i).adversarial for i, xb, yb in data.batches()
+                attack(model, xb, yb, offset=i * data.batch_size).adversarial
+                for i, xb, yb in data.batches()
             ]
         self._prefix: _PrefixCache | None = None
         self.prefix_hits = 0  # local scopes that reused their prefix (for the benchmark)
@@ -253,7 +254,7 @@ class Evaluator:
         for index, xb, _ in batches:
             leaf = xb.detach().clone().requires_grad_(True)
             with torch.enable_grad():
-                live, saved = _saved_bytes_of(partial(split.prefix, leaf))
+                live, saved = saved_bytes_of(partial(split.prefix, leaf))
             if index == 0 and (saved + live_bytes(live)) * n_batches > self.prefix_budget:
                 return None
             graphs.append((leaf, live))
@@ -310,7 +311,7 @@ class Evaluator:
                     (grad,) = torch.autograd.grad(loss, leaf, retain_graph=True)
                 x_adv, clean_logits = self.attack.step(xb, grad), logits.detach()
             elif self.fixed_adversarial is None:
-                out = self.attack(self.model, xb, yb, batch_index=index)
+                out = self.attack(self.model, xb, yb, offset=index * self.data.batch_size)
                 x_adv, clean_logits = out.adversarial, out.clean_logits
             else:
                 x_adv, clean_logits = self.fixed_adversarial[index], None

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from inferlink_audit.attacks import FGSM, PGD, BoxLBFGS, GaussianNoise, build_attack
+from inferlink_audit.attacks import EXAMPLE_CHUNK, FGSM, PGD, BoxLBFGS, GaussianNoise, build_attack
 from inferlink_audit.errors import UnsupportedError
 from inferlink_audit.spec import FGSMSpec, GaussianSpec, LBFGSSpec, PGDSpec
 
@@ -81,15 +81,44 @@ def test_pgd_without_random_start_first_step_is_fgsm_sized(linear):
     assert one.clean_logits is not None
 
 
-def test_gaussian_is_seeded_per_batch(linear):
+def test_gaussian_is_seeded_per_example(linear):
     model, x, y = linear
     a = GaussianNoise(GaussianSpec(sigma=0.1), (0.0, 1.0), 7)
     assert torch.equal(
-        a(model, x, y, batch_index=2).adversarial, a(model, x, y, batch_index=2).adversarial
+        a(model, x, y, offset=128).adversarial, a(model, x, y, offset=128).adversarial
     )
     assert not torch.equal(
-        a(model, x, y, batch_index=1).adversarial, a(model, x, y, batch_index=2).adversarial
+        a(model, x, y, offset=64).adversarial, a(model, x, y, offset=128).adversarial
     )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        GaussianSpec(sigma=0.1),
+        PGDSpec(eps=0.1, steps=2, random_start=True),
+        PGDSpec(eps=0.5, steps=2, random_start=True, norm="l2"),
+        LBFGSSpec(target="random", max_iter=5),
+    ],
+    ids=lambda s: s.id,
+)
+def test_numbers_do_not_depend_on_the_batch_size(linear, spec):
+    """An example gets the same random draw (and L-BFGS the same joint problems) whether the
+    data is attacked in one batch or in batches of any multiple of EXAMPLE_CHUNK; Gaussian
+    noise and PGD in batches of any size."""
+    model, x, y = linear
+    x, y = torch.cat([x] * 3)[:150], torch.cat([y] * 3)[:150]
+    attack = build_attack(spec, (0.0, 1.0), 3)
+    whole = attack(model, x, y).adversarial
+    sizes = [EXAMPLE_CHUNK, 2 * EXAMPLE_CHUNK]
+    if not isinstance(spec, LBFGSSpec):
+        sizes += [1, 7, 100]
+    for size in sizes:
+        parts = [
+            attack(model, x[s : s + size], y[s : s + size], offset=s).adversarial
+            for s in range(0, len(y), size)
+        ]
+        assert torch.allclose(torch.cat(parts), whole, rtol=0, atol=1e-6), size
 
 
 def _reachable_in_box(model: nn.Linear, target: int) -> bool:
