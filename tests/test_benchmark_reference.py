@@ -20,6 +20,8 @@ from torch import nn
 
 from inferlink_audit.models import NormalizedModel
 
+from .specs import write_spec
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -136,3 +138,31 @@ def test_quick_benchmark_runs_and_prints_the_speedup_line() -> None:
     lines = completed.stdout.strip().splitlines()
     assert SPEEDUP_LINE.match(lines[-1]), lines[-1]
     assert completed.stdout.count("results agree") >= 4  # both workloads, both sources
+
+
+def test_benchmark_runs_on_the_model_of_an_audit_spec(tmp_path: Path) -> None:
+    """``--spec``: a model the benchmark was not written for, loaded as the audit loads it,
+    with the spec's filters and magnitude values; both sides agree and the line is printed."""
+    spec = write_spec(
+        tmp_path,
+        data={
+            "source": "sklearn_digits",
+            "limit": 48,
+            "batch_size": 48,
+            "normalize": {"mean": [0.5], "std": [0.5]},
+        },
+        filtering={"filters": ["high_pass", "pulse"], "thresholds": 4, "values": "magnitude"},
+        attacks=[{"fgsm": {"eps": 0.2}}],
+    )
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_sweep.py"), "--spec", str(spec), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    out = completed.stdout
+    assert "digits-small: 48 examples of 1×8×8" in out and "magnitude values" in out
+    assert out.count("results agree") == 2
+    assert SPEEDUP_LINE.match(out.strip().splitlines()[-1])
