@@ -273,3 +273,28 @@ def test_variants_met_again_are_taken_from_the_memo_with_the_same_numbers(tiny):
         assert got.clean_accuracy == expected.clean_accuracy
         assert got.adversarial_accuracy == expected.adversarial_accuracy
         assert got.evaluated_variants == expected.evaluated_variants
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_torchscript_model_sees_the_working_copy(tiny):
+    """A scripted module holds its parameters in C++: the sweep's working copies must reach
+    it, or every threshold would silently measure the unfiltered network."""
+    model, x, y = tiny
+    scripted = torch.jit.script(model)
+    curves = {}
+    for name, m in (("eager", model), ("scripted", scripted)):
+        with frozen_parameters(m):
+            evaluator = Evaluator(
+                m, EvalData(x, y, 64), FGSM(FGSMSpec(eps=EPS), (0, 1), 0), "filtered"
+            )
+            c = sweep_scope(
+                [m.conv.weight, m.fc.weight],
+                "pulse",
+                thresholds=9,
+                values="signed",
+                evaluator=evaluator,
+                unfiltered=evaluator.evaluate(),
+            )
+        curves[name] = (c.clean_accuracy, c.adversarial_accuracy)
+    assert curves["scripted"] == curves["eager"]
+    assert len(set(curves["eager"][0])) > 2  # the filter changes what is measured
