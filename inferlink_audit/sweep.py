@@ -1,12 +1,14 @@
 """The sweep engine (DESIGN §1.3, §4): responses of a network to one filter over one scope.
 
 Unlike the reference notebooks (a deep copy and a state_dict reload per threshold), the
-engine filters the live model in place and restores it bit-exactly: each threshold zeroes a
-run of the scope's sorted values (see ``filters``), so moving from one threshold to the next
-restores the previous run and zeroes the new one. Thresholds whose run equals one already
-evaluated reuse that result; an empty run reuses the unfiltered network's result, which is
-computed once. The test set stays on the device, parameters stop requiring gradients during
-the sweep, and under FGSM one forward pass gives both the clean prediction and the gradient.
+engine points the live model's parameters at a working copy of the scope and back: each
+threshold zeroes a run of the scope's sorted values (see ``filters``), so moving from one
+threshold to the next writes only the difference between the two runs, and the model's own
+storage is never written. Thresholds whose run equals one already evaluated reuse that
+result, a variant met again under another filter or scope comes from the evaluator's memo,
+and an empty run reuses the unfiltered network's result, which is computed once. The test set
+stays on the device, parameters stop requiring gradients during the sweep, and under FGSM one
+forward pass gives both the clean prediction and the gradient.
 """
 
 from __future__ import annotations
