@@ -217,8 +217,7 @@ class AuditSession:
             linf: list[torch.Tensor] = []
             l2: list[torch.Tensor] = []
             with frozen_parameters(model):
-                for index, xb, yb in p.data.batches():
-                    out = attack(model, xb, yb, offset=index * p.data.batch_size)
+                for _, xb, yb, out in p.data.attacked(attack, model):
                     x_adv = out.adversarial
                     with torch.inference_mode():
                         # FGSM, PGD and L-BFGS already ran the clean forward pass

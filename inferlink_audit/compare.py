@@ -68,10 +68,7 @@ def transferability(sessions: Sequence[AuditSession]) -> list[dict[str, Any]]:
         for spec in source.spec.attack_specs:
             attack = source._attack(spec.id)
             model = source.prepared.loaded.module
-            crafted = [
-                attack(model, xb, yb, offset=index * source.prepared.data.batch_size).adversarial
-                for index, xb, yb in source.prepared.data.batches()
-            ]
+            crafted = [out.adversarial for *_, out in source.prepared.data.attacked(attack, model)]
             x_adv = torch.cat(crafted)
             for target in sessions:
                 data = target.prepared.data

@@ -45,8 +45,7 @@ def safe_file_stem(name: str) -> str:
 def _accuracies(model: nn.Module, data: EvalData, attack: Attack) -> tuple[float, float]:
     model.eval()
     clean = adversarial = 0
-    for index, xb, yb in data.batches():
-        out = attack(model, xb, yb, offset=index * data.batch_size)
+    for _, xb, yb, out in data.attacked(attack, model):
         with torch.inference_mode():
             logits = out.clean_logits if out.clean_logits is not None else model(xb)
             clean += int((logits.argmax(1) == yb).sum())

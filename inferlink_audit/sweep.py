@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import FGSM, Attack
+from .attacks import FGSM, Attack, AttackOutput
 from .errors import AuditError, IntegrityError
 from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
 from .prefix import NetworkSplitter, live_bytes
@@ -113,6 +113,14 @@ class EvalData:
         for index, start in enumerate(range(0, self.n, self.batch_size)):
             stop = start + self.batch_size
             yield index, self.x[start:stop], self.y[start:stop]
+
+    def attacked(
+        self, attack: Attack, model: nn.Module
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, AttackOutput]]:
+        """Every batch with ``attack``'s output on it, each example at its place in the data
+        (so the attack's random draws do not depend on the batch size)."""
+        for index, xb, yb in self.batches():
+            yield index, xb, yb, attack(model, xb, yb, offset=index * self.batch_size)
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
@@ -209,10 +217,7 @@ class Evaluator:
         self.splitter, self.prefix_budget, self.fast = splitter, prefix_budget, fast
         self.fixed_adversarial: list[torch.Tensor] | None = None
         if source == "original" or not attack.model_dependent:
-            self.fixed_adversarial = [
-                attack(model, xb, yb, offset=i * data.batch_size).adversarial
-                for i, xb, yb in data.batches()
-            ]
+            self.fixed_adversarial = [out.adversarial for *_, out in data.attacked(attack, model)]
         self._prefix: _PrefixCache | None = None
         self.prefix_hits = 0  # local scopes that reused their prefix (for the benchmark)
         # Responses of variants already evaluated, by the elements they zero. Exact mode only:
@@ -502,14 +507,14 @@ def sweep_scope(
             memo = evaluator.memo
             for start, stop in distinct:
                 key = scope.variant_key(order, start, stop, values) if memo is not None else None
-                if key is not None and memo is not None and key in memo:
+                if memo is not None and key in memo:
                     seen[(start, stop)] = memo[key]
                     evaluator.memo_hits += 1
                 else:
                     scope.move(order, applied, (start, stop))
                     applied = (start, stop)
                     seen[(start, stop)] = evaluator.evaluate()
-                    if key is not None and memo is not None:
+                    if memo is not None:
                         memo[key] = seen[(start, stop)]
                 if on_variant is not None:
                     on_variant()

@@ -226,7 +226,7 @@ def test_moving_between_runs_leaves_exactly_the_new_run_zeroed(runs):
     assert torch.equal(b.reshape(-1), torch.arange(13.0, 31.0))
 
 
-def _sweep(model, evaluator, unfiltered, tensors, filter_name):
+def _sweep(evaluator, unfiltered, tensors, filter_name):
     return sweep_scope(
         tensors,
         filter_name,
@@ -260,11 +260,9 @@ def test_variants_met_again_are_taken_from_the_memo_with_the_same_numbers(tiny):
             return plain()
 
         shared.evaluate = counted
-        remembered = [_sweep(model, shared, unfiltered, t, f) for t, f in runs]
+        remembered = [_sweep(shared, unfiltered, t, f) for t, f in runs]
         fresh = [
-            _sweep(
-                model, Evaluator(model, EvalData(x, y, 64), attack, "filtered"), unfiltered, t, f
-            )
+            _sweep(Evaluator(model, EvalData(x, y, 64), attack, "filtered"), unfiltered, t, f)
             for t, f in runs
         ]
     assert shared.memo_hits >= 2
