@@ -38,6 +38,7 @@ from .devices import (
 )
 from .errors import AuditError, DataError, SpecError
 from .filters import FilterName, SortedScope
+from .layers import AnalysedLayer, select_layers
 from .models import LoadedModel, check_batch, load_model
 from .prefix import NetworkSplitter
 from .remediation import safe_file_stem, selective_retrain
@@ -55,11 +56,9 @@ from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
 from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
 from .sweep import (
-    AnalysedLayer,
     EvalData,
     Evaluator,
     frozen_parameters,
-    select_layers,
     state_digest,
     sweep_scope,
     verify_unchanged,
