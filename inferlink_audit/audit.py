@@ -26,6 +26,7 @@ import torch
 from . import __version__
 from .attacks import Attack, build_attack
 from .batching import auto_batch_size
+from .cache import tensors_sha256
 from .checks import PlannedCheck, evaluate_check, is_check, plan_checks
 from .compare import label_consistency, transferability
 from .data import load_dataset, validate_dataset
@@ -348,13 +349,21 @@ class AuditSession:
         return result
 
     # ----------------------------------------------------------------- sweeps
+    @cached_property
+    def data_sha256(self) -> str:
+        """SHA-256 of the test tensors as loaded: a regenerated data file is new data."""
+        return tensors_sha256(self.prepared.data.x, self.prepared.data.y)
+
     def cache_key(self, filter_name: str, attack_id: str) -> str:
-        """Identifies a sweep's inputs: checkpoint, everything in the spec that changes it, version."""
+        """Identifies a sweep's inputs: checkpoint, model source, data content, everything in
+        the spec that changes it, versions."""
         spec = self.spec
         relevant = {
             "version": __version__,
             "torch": torch.__version__,
             "checkpoint": self.prepared.loaded.checkpoint_sha256,
+            "model_source": self.prepared.loaded.source_sha256,
+            "data_content": self.data_sha256,
             "model": spec.model.model_dump(mode="json"),
             "data": spec.data.model_dump(mode="json"),
             "filtering": spec.filtering.model_dump(mode="json"),

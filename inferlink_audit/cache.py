@@ -4,8 +4,10 @@ A cache is only worth having if it can never make an audit wrong. Each entry is 
 file, written atomically, that stores its key and a SHA-256 of its payload; an entry that
 cannot be read, does not parse, names another key or fails its checksum is deleted and
 reported as a miss, so the sweep is recomputed rather than trusted. The key itself (see
-``AuditSession.cache_key``) covers the checkpoint hash, everything in the spec that changes a
-sweep, and the library and torch versions, so a stale entry is simply never looked up.
+``AuditSession.cache_key``) covers the checkpoint hash, the content of the test tensors as
+loaded (:func:`tensors_sha256`), the source of the code that builds the model
+(``LoadedModel.source_sha256``), everything in the spec that changes a sweep, and the library
+and torch versions, so a stale entry is simply never looked up.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .fileio import atomic_write_text
 from .results import SweepResult, sweep_from_dict
 
-__all__ = ["CACHE_FORMAT", "DiskSweepCache"]
+__all__ = ["CACHE_FORMAT", "DiskSweepCache", "tensors_sha256"]
 
 CACHE_FORMAT = "inferlink-audit/sweep-cache/v1"
 _SAFE_NAME = re.compile(r"^[0-9a-f]{16,128}$")
@@ -80,6 +84,21 @@ class DiskSweepCache:
         # An entry that cannot be deleted is still never trusted: the next get discards it again.
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes, in order.
+
+    The sweep cache keys on this for the test data, so a regenerated ``test.pt`` (same file
+    name, same spec) is a new key even though nothing in the spec changed.
+    """
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{flat.dtype}{tuple(tensor.shape)};".encode())
+        # Viewed as bytes, so every dtype (bfloat16 and bool included) hashes what it stores.
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _digest(body: str) -> str:

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import pickle
 import sys
 import traceback
@@ -120,6 +121,8 @@ class LoadedModel:
     checkpoint_sha256: str
     num_outputs: int
     description: str
+    # Of the code that builds the network (see _source_sha256): the sweep cache keys on it.
+    source_sha256: str = ""
 
 
 def load_model(
@@ -187,7 +190,45 @@ def load_model(
         checkpoint_sha256=sha,
         num_outputs=num_outputs,
         description=description,
+        source_sha256=_source_sha256(spec, spec_dir, inner),
     )
+
+
+def _source_sha256(spec: ModelSpec, spec_dir: Path, inner: nn.Module) -> str:
+    """SHA-256 of what builds the network, so an edited model class is a new sweep-cache key.
+
+    A TorchScript archive is hashed whole; a torchvision model by torchvision's version; a
+    ``module:Name`` or ``file.py:Name`` factory by the content of the named module's file and
+    of the file defining each class in the built network outside torch (the model, its
+    blocks). Code those files merely import is not followed.
+    """
+    kind, target = spec.factory_kind, spec.factory_target
+    if kind == "torchscript":
+        return sha256_file(_resolve(target, spec_dir))
+    if kind == "torchvision":
+        import torchvision
+
+        return hashlib.sha256(f"torchvision {torchvision.__version__}".encode()).hexdigest()
+    module_part = target.split(":", 1)[0].strip()
+    named = _resolve(module_part, spec_dir) if kind == "file" else None
+    if named is None:
+        named_file = getattr(sys.modules.get(module_part), "__file__", None)
+        named = Path(named_file) if named_file else None
+    files = {named.resolve()} if named is not None else set()
+    for cls in {type(m) for m in inner.modules()}:
+        if cls.__module__.split(".")[0] in ("torch", "torchvision"):
+            continue
+        with contextlib.suppress(TypeError, OSError):
+            source = inspect.getsourcefile(cls)
+            if source is not None:
+                files.add(Path(source).resolve())
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        try:
+            digest.update(sha256_file(path).encode())
+        except OSError:
+            digest.update(f"unreadable {path}".encode())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- factories

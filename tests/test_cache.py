@@ -1,4 +1,5 @@
-"""DiskSweepCache: entries round-trip exactly, and a damaged entry is never trusted."""
+"""DiskSweepCache: entries round-trip exactly, a damaged entry is never trusted, and a sweep
+is recomputed whenever anything it was computed from changes (checkpoint, spec, data, code)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
 
-from inferlink_audit.cache import CACHE_FORMAT, DiskSweepCache
+from inferlink_audit.audit import AuditSession
+from inferlink_audit.cache import CACHE_FORMAT, DiskSweepCache, tensors_sha256
 from inferlink_audit.results import Labels, Scores, SweepResult
+from inferlink_audit.spec_loader import load_spec
 
 KEY = "ab" * 32  # what AuditSession.cache_key returns: a SHA-256 hex digest
 
@@ -148,3 +155,135 @@ def test_the_cache_module_does_not_import_pytest() -> None:
     code = "import sys, inferlink_audit.cache; print('pytest' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tensor_hash_sees_values_dtype_and_shape() -> None:
+    x = torch.arange(6, dtype=torch.float32)
+    same = tensors_sha256(x.clone(), torch.tensor([1, 2]))
+    assert tensors_sha256(x, torch.tensor([1, 2])) == same
+    changed = x.clone()
+    changed[3] = 3.5
+    assert tensors_sha256(changed, torch.tensor([1, 2])) != same
+    assert tensors_sha256(x.view(2, 3), torch.tensor([1, 2])) != same
+    assert tensors_sha256(x.double(), torch.tensor([1, 2])) != same
+    assert tensors_sha256(x, torch.tensor([1, 3])) != same
+
+
+# --------------------------------------------------------------------------- invalidation
+NET_SOURCE = """
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return {output}
+"""
+FORWARD = "self.fc2(torch.relu(self.fc1(x)))"
+ATTACK = "fgsm_eps0.1"
+
+
+def _write_checkpoint(folder: Path, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = nn.Sequential()
+    net.fc1 = nn.Linear(4, 8)
+    net.fc2 = nn.Linear(8, 3)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "net.safetensors")
+
+
+def _write_data(folder: Path, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(48, 4, generator=gen)
+    torch.save({"x": x, "y": torch.randint(0, 3, (48,), generator=gen)}, folder / "test.pt")
+
+
+def _write_spec(folder: Path, thresholds: int = 5) -> Path:
+    spec = {
+        "version": 1,
+        "name": "tiny",
+        "model": {"factory": "net.py:TinyNet", "checkpoint": "net.safetensors"},
+        "data": {"source": "tensors", "path": str(folder / "test.pt"), "batch_size": 16},
+        "device": "cpu",
+        "filtering": {"thresholds": thresholds, "filters": ["low_pass"]},
+        "attacks": [{"fgsm": {"eps": 0.1}}],
+    }
+    path = folder / "audit.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_audit(tmp_path: Path) -> Path:
+    """A spec over a two-layer network built by ``net.py``, its checkpoint and its test.pt."""
+    (tmp_path / "net.py").write_text(NET_SOURCE.format(output=FORWARD))
+    _write_checkpoint(tmp_path, seed=0)
+    _write_data(tmp_path, seed=1)
+    return _write_spec(tmp_path)
+
+
+def _forget_factory_module() -> None:
+    """What a new run (a new process) starts from: the factory file not yet imported."""
+    for name in [n for n in sys.modules if n.startswith("_inferlink_factory_net_")]:
+        del sys.modules[name]
+
+
+def _sweeps(spec_path: Path, cache: DiskSweepCache | None) -> tuple[list[SweepResult], int]:
+    """One run's low-pass sweeps and how many sweeps it computed (rather than read)."""
+    _forget_factory_module()
+    session = AuditSession(load_spec(spec_path), cache=cache)
+    return session.sweeps("low_pass", ATTACK), session.computed_sweeps
+
+
+def test_an_unchanged_audit_reuses_its_sweeps(tiny_audit: Path, tmp_path: Path) -> None:
+    cache = DiskSweepCache(tmp_path / "cache")
+    first, computed = _sweeps(tiny_audit, cache)
+    assert computed == 1
+    again, computed = _sweeps(tiny_audit, cache)
+    assert computed == 0
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert again == first
+
+
+def _new_checkpoint(folder: Path) -> None:
+    _write_checkpoint(folder, seed=5)
+
+
+def _new_spec_field(folder: Path) -> None:
+    _write_spec(folder, thresholds=7)
+
+
+def _regenerated_data(folder: Path) -> None:
+    _write_data(folder, seed=2)  # same file name and spec, other examples
+
+
+def _edited_factory_source(folder: Path) -> None:
+    # Same class, same parameters (the checkpoint still loads), another function.
+    (folder / "net.py").write_text(NET_SOURCE.format(output=f"-{FORWARD}"))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_new_checkpoint, id="checkpoint"),
+        pytest.param(_new_spec_field, id="spec-field"),
+        pytest.param(_regenerated_data, id="data-file"),
+        pytest.param(_edited_factory_source, id="factory-source"),
+    ],
+)
+def test_a_changed_input_recomputes_the_sweeps(
+    tiny_audit: Path, tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    cache = DiskSweepCache(tmp_path / "cache")
+    before, _ = _sweeps(tiny_audit, cache)
+    change(tmp_path)
+    after, computed = _sweeps(tiny_audit, cache)
+    assert computed == 1
+    assert cache.hits == 0
+    fresh, _ = _sweeps(tiny_audit, None)  # the same inputs, no cache at all
+    assert after == fresh
+    assert after != before  # the change moved the numbers, so a stale entry would show
