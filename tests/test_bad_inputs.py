@@ -1,8 +1,10 @@
 """The corpus of bad inputs (``tests/corpus``): every one ends in one clear paragraph, exit 2.
 
 Each spec in ``tests/corpus/specs`` says in its header what the error must contain
-(``# expect: ...``), on which spec line it is reported (``# line: N``), and which file would
-exist if a hostile payload had run (``# pwned: NAME``). A case runs in its own folder holding
+(``# expect: ...``), on which spec line it is reported (``# line: N``), which file would
+exist if a hostile payload had run (``# pwned: NAME``), and which warnings the user's own
+model raises on its way to the error (``# warns: TEXT``; the library itself raises none).
+The whole stderr is checked: one paragraph, nothing before or after it. A case runs in its own folder holding
 the spec, the digits model, the corpus's factory files and the generated binary inputs, with
 that folder as the working directory; afterwards the folder must be exactly as before:
 nothing created (no report folder, no ``__pycache__``, no payload marker), nothing modified.
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ import pytest
 import torch
 
 from inferlink_audit.cli import main
+from inferlink_audit.errors import ModelLoadError
 
 from .corpus.build import SPECS, build_inputs, stage_case
 
@@ -49,12 +54,13 @@ class Case:
     expect: list[str] = field(default_factory=list)
     line: int | None = None
     pwned: list[str] = field(default_factory=list)
+    warns: list[str] = field(default_factory=list)
 
     @classmethod
     def read(cls, spec: Path) -> Case:
         case = cls(spec)
         for raw in spec.read_text(encoding="utf-8").splitlines():
-            match = re.match(r"# (expect|line|pwned): (.*)$", raw)
+            match = re.match(r"# (expect|line|pwned|warns): (.*)$", raw)
             if match is None:
                 continue
             kind, value = match.groups()
@@ -62,6 +68,8 @@ class Case:
                 case.expect.append(value)
             elif kind == "line":
                 case.line = int(value)
+            elif kind == "warns":
+                case.warns.append(value)
             else:
                 case.pwned.append(value)
         assert case.expect, f"{spec.name}: the header names no '# expect:'"
@@ -104,8 +112,11 @@ def corpus_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def assert_clear_error(err: str, case: Case, spec: Path) -> None:
-    """One paragraph from the CLI, naming the spec (and line), with the promised content."""
-    assert err.startswith("inferlink-audit: error: "), err
+    """The whole of stderr is one paragraph from the CLI, naming the spec (and line), with the
+    promised content: nothing printed before it (a traceback, a warning) or after it."""
+    assert err.startswith("inferlink-audit: error: "), f"output before the error:\n{err}"
+    assert err.endswith("\n") and not err.endswith("\n\n"), f"output after the error:\n{err!r}"
+    assert err.count("inferlink-audit: error: ") == 1, f"more than one error:\n{err}"
     assert "Traceback" not in err and "INTERNALERROR" not in err, err
     assert "\n\n" not in err.strip(), f"more than one paragraph:\n{err}"
     assert str(spec) in err, f"the spec is not named:\n{err}"
@@ -115,6 +126,15 @@ def assert_clear_error(err: str, case: Case, spec: Path) -> None:
         assert fragment in err, f"{fragment!r} missing from:\n{err}"
 
 
+def assert_only_the_model_warns(messages: list[str], case: Case) -> None:
+    """Each warning raised is one the spec's header declares (the user's model raises it),
+    and each declared one is raised, so a stale declaration cannot hide a new warning."""
+    unexpected = [m for m in messages if not any(w in m for w in case.warns)]
+    assert unexpected == [], f"warnings besides the error: {unexpected}"
+    for declared in case.warns:
+        assert any(declared in m for m in messages), f"{declared!r} not raised: {messages}"
+
+
 @pytest.mark.parametrize("spec", CASES, ids=[p.stem for p in CASES])
 def test_bad_input_exits_2_with_one_clear_paragraph_and_touches_nothing(
     spec: Path,
@@ -122,6 +142,7 @@ def test_bad_input_exits_2_with_one_clear_paragraph_and_touches_nothing(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     _skip_if_present(spec.stem)
     case = Case.read(spec)
@@ -129,12 +150,19 @@ def test_bad_input_exits_2_with_one_clear_paragraph_and_touches_nothing(
     staged = stage_case(spec, folder, corpus_inputs)
     monkeypatch.chdir(folder)  # a payload writing relative paths would land in the snapshot
     before = snapshot(folder)
-    code = main(["run", str(staged), "--out", str(folder / "report")])
-    err = capsys.readouterr().err
+    caplog.set_level(logging.WARNING)
+    # pytest would keep warnings and log records out of stderr; outside it they print there.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+            warnings.filterwarnings("ignore", category=hidden)  # as Python hides them by default
+        code = main(["run", str(staged), "--out", str(folder / "report")])
+    out, err = capsys.readouterr()
     assert code == 2, err
-    # Warnings a user's own model prints are theirs; the error is the last paragraph.
-    message = err[err.index("inferlink-audit: error: ") :] if "error: " in err else err
-    assert_clear_error(message, case, staged)
+    assert out == ""
+    assert_clear_error(err, case, staged)
+    assert_only_the_model_warns([str(w.message) for w in caught], case)
+    assert [r.getMessage() for r in caplog.records] == []
     assert snapshot(folder) == before
     for name in case.pwned:
         assert not (folder / name).exists(), f"{name} exists: the payload ran"
@@ -154,6 +182,7 @@ def test_the_console_command_gives_the_same_errors(corpus_inputs: Path, tmp_path
     runs = []
     for name in SUBPROCESS_CASES:
         case = Case.read(SPECS / f"{name}.yaml")
+        assert not case.warns, "the whole stderr is checked below: pick a case without warnings"
         folder = tmp_path / name
         staged = stage_case(case.spec, folder, corpus_inputs)
         before = snapshot(folder)
@@ -178,8 +207,9 @@ def test_the_console_command_gives_the_same_errors(corpus_inputs: Path, tmp_path
 
 def test_debug_shows_the_traceback(corpus_inputs: Path, tmp_path: Path) -> None:
     staged = stage_case(SPECS / "ckpt_truncated.yaml", tmp_path / "case", corpus_inputs)
-    with pytest.raises(Exception, match="not a readable safetensors file"):
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file") as raised:
         main(["run", str(staged), "--out", str(tmp_path / "out"), "--debug"])
+    assert raised.type is ModelLoadError
     assert not (tmp_path / "out").exists()
 
 
