@@ -27,8 +27,8 @@ from . import __version__
 from .attacks import Attack, build_attack
 from .batching import auto_batch_size
 from .cache import tensors_sha256
-from .checks import PlannedCheck, evaluate_check, is_check, plan_checks
-from .compare import label_consistency, transferability
+from .checks import PlannedCheck, evaluate_check, find_baseline_model, is_check, plan_checks
+from .compare import TransferModel, label_consistency, transferability
 from .data import load_dataset, validate_dataset
 from .devices import (
     describe_device,
@@ -312,10 +312,18 @@ class AuditSession:
                 )
         return self._peers
 
+    def transfer_model(self) -> TransferModel:
+        """What transferability needs of this model: its network, test set and attacks."""
+        p = self.prepared
+        attacks = {a.id: self._attack(a.id) for a in self.spec.attack_specs}
+        return TransferModel(
+            self.spec.name, p.loaded.module, p.data.x, p.data.y, p.data.batch_size, attacks
+        )
+
     def transfer(self) -> list[dict[str, Any]]:
         """Transferability between this model and the compared ones (computed once)."""
         if self._transfer is None:
-            self._transfer = transferability([self, *self.peers()])
+            self._transfer = transferability([s.transfer_model() for s in [self, *self.peers()]])
         return self._transfer
 
     # ----------------------------------------------------------------- what was computed
@@ -480,56 +488,15 @@ class AuditSession:
         return results
 
     # ----------------------------------------------------------------- regression checks
-    def baseline_check(self, planned: PlannedCheck) -> CheckResult:
-        """``no_new_fragile_layers`` and ``max_score_drop`` against the released model's results."""
+    def baseline_model(self) -> ModelResult:
+        """This model's entry in the released results that the regression checks compare with."""
         assert self.spec.baseline is not None  # the spec validator guarantees it
-        released = read_results(self.spec.baseline)
-        model = next((m for m in released.models if m.name == self.spec.name), None)
-        if model is None:
-            model = released.models[0]
-        before = {
-            (s.scope, s.layer): s
-            for s in model.sweeps
-            if s.filter == planned.filter and s.attack == planned.attack
-        }
-        now = self.sweeps(planned.filter or "", planned.attack or "")
-        layers: list[str] = []
-        if planned.check == "no_new_fragile_layers":
-            for s in now:
-                old = before.get((s.scope, s.layer))
-                for response in ("clean", "adversarial"):
-                    if getattr(s.labels, response) == "fragile" and (
-                        old is None or getattr(old.labels, response) != "fragile"
-                    ):
-                        layers.append(f"{s.layer or 'global'} ({response})")
-            measured = float(len(layers))
-            passed = measured <= planned.limit
-            detail = f"{len(layers)} layers newly fragile since the baseline"
-        else:
-            drops: list[tuple[float, str]] = []
-            for s in now:
-                old = before.get((s.scope, s.layer))
-                if old is None:
-                    continue
-                for response in ("clean", "adversarial", "difference"):
-                    drop = getattr(old.scores, response) - getattr(s.scores, response)
-                    drops.append((drop, f"{s.layer or 'global'} ({response})"))
-            drops.sort(reverse=True)
-            measured = drops[0][0] if drops else 0.0
-            layers = [name for drop, name in drops if drop > planned.limit]
-            passed = measured <= planned.limit
-            detail = f"largest score drop {measured:.3f} {'<=' if passed else '>'} max {planned.limit:.3f}"
-        if layers:
-            detail += f" ({', '.join(layers[:6])}{', …' if len(layers) > 6 else ''})"
-        return CheckResult(
-            id=planned.id,
-            passed=passed,
-            measured=measured,
-            limit=planned.limit,
-            detail=detail,
-            check=planned.check,
-            line=planned.line,
-            layers=layers,
+        return find_baseline_model(
+            read_results(self.spec.baseline),
+            self.spec.name,
+            baseline=self.spec.baseline,
+            spec=self.spec.source_path,
+            line=self.spec.line_of("baseline"),
         )
 
     # ----------------------------------------------------------------- the whole audit

@@ -1,22 +1,33 @@
-"""The spec's thresholds, as planned items and as evaluated results.
+"""The spec's thresholds, as planned items and as evaluated results: every check's logic.
 
-Planning needs only the spec (no torch work), so the pytest plugin can collect items cheaply;
-evaluation asks an ``AuditSession`` for exactly the measurements an item needs.
+Planning needs only the spec (no torch work), so the pytest plugin can collect items cheaply.
+Evaluation is a table of rules, one evaluator per check name (as pytest-benchmark's compare
+rules each own their ``fails()``); an evaluator reads exactly the measurements its item needs
+through the small ``Measurements`` protocol, which ``AuditSession`` provides lazily. Nothing
+here imports the session: the regression checks are pure functions of the planned check, the
+current sweeps and the released model's results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
 
-from .errors import UnsupportedError
-from .results import CheckResult, SweepResult
+from .errors import AuditError, UnsupportedError
+from .results import (
+    RESPONSES,
+    AttackResult,
+    AuditResult,
+    CheckResult,
+    LipschitzResult,
+    ModelResult,
+    SweepResult,
+)
 from .scores import fragile_fraction
 from .spec import AuditSpec
-
-if TYPE_CHECKING:
-    from .audit import AuditSession
 
 MODEL_CHECKS = ("min_clean_accuracy", "max_lipschitz_upper_bound", "min_adversarial_gain")
 ATTACK_CHECKS = ("min_adversarial_accuracy",)
@@ -48,6 +59,7 @@ class PlannedCheck:
     limit: float
     line: int | None
     label: str  # what the first line of a failure names, e.g. "low_pass fgsm(eps=0.1)"
+    response: str = "adversarial"  # the curve a fragile fraction is read from (``on:``)
 
 
 def _limit(spec: AuditSpec, key: str) -> float | None:
@@ -101,6 +113,8 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
         line = spec.line_of("compare")
         planned.append(PlannedCheck(TRANSFER_ONLY, TRANSFER_ONLY, None, None, 0.0, line, spec.name))
     sweep_keys = [key for key in SWEEP_CHECKS if _limit(spec, key) is not None]
+    fraction = spec.checks.max_fragile_fraction
+    fragile_response = fraction.on if fraction is not None else "adversarial"
     for filter_name in spec.filtering.filters:
         for attack in attacks:
             label = f"{filter_name} {attack.label}"
@@ -114,6 +128,7 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         float(_limit(spec, key) or 0.0),
                         spec.line_of("checks", key),
                         label,
+                        response=fragile_response,
                     )
                 )
     if not any(is_check(p) for p in planned):
@@ -133,6 +148,33 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
     return planned
 
 
+class BaselineError(AuditError):
+    """The baseline cannot be compared with: it holds no model of the spec's name, or no sweep
+    of the filter and attack a regression check needs."""
+
+
+class Measurements(Protocol):
+    """What the checks read from one model's audit; the session computes each lazily, once."""
+
+    def clean_accuracy(self) -> float: ...
+
+    def attack_result(self, attack_id: str) -> AttackResult: ...
+
+    def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]: ...
+
+    @property
+    def lipschitz(self) -> LipschitzResult: ...
+
+    def remediation(self) -> dict[str, Any] | None: ...
+
+    def transfer(self) -> list[dict[str, Any]]: ...
+
+    def baseline_model(self) -> ModelResult: ...
+
+
+Evaluator = Callable[[PlannedCheck, Measurements], CheckResult]
+
+
 def _layers_text(layers: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(layers[:limit])
     return shown + (f", … {len(layers) - limit} more" if len(layers) > limit else "")
@@ -142,90 +184,221 @@ def _local(sweeps: Sequence[SweepResult]) -> list[SweepResult]:
     return [s for s in sweeps if s.scope == "local"]
 
 
-def evaluate_check(planned: PlannedCheck, session: AuditSession) -> CheckResult:
-    """Measure what ``planned`` needs (computing it lazily, once) and compare with its limit."""
-    key, limit = planned.check, planned.limit
-    layers: list[str] = []
-    if key == "min_clean_accuracy":
-        measured = session.clean_accuracy()
-        passed = measured >= limit
-        detail = f"clean accuracy {measured:.4f} {'>=' if passed else '<'} min {limit:.4f}"
-    elif key == "max_lipschitz_upper_bound":
-        lipschitz = session.lipschitz
-        bound = lipschitz.network_upper_bound
-        measured = float("inf") if bound is None else bound
-        passed = measured <= limit
-        worst = sorted(lipschitz.layers, key=lambda layer: -layer.upper_bound)[:3]
-        layers = [layer.layer for layer in worst]
-        detail = (
-            f"{lipschitz.note}; cannot assert max {limit:.4g}"
-            if bound is None
-            else f"network Lipschitz bound {bound:.4g} {'<=' if passed else '>'} max {limit:.4g}"
-            + f" (largest layers: {', '.join(f'{x.layer} {x.upper_bound:.3g}' for x in worst)})"
-        )
-        layers = [] if passed else layers
-    elif key == "min_adversarial_gain":
-        remediation = session.remediation() or {}
-        selective, control = remediation["selective"], remediation["control"]
-        measured = selective["adversarial_after"] - selective["adversarial_before"]
-        control_gain = control["adversarial_after"] - control["adversarial_before"]
-        passed = measured >= limit
-        detail = (
-            f"selective retraining adversarial gain {measured:+.4f} "
-            f"{'>=' if passed else '<'} min {limit:+.4f} (control: {control_gain:+.4f}; "
-            f"frozen: {', '.join(remediation['frozen_layers']) or 'none'})"
-        )
-    elif key == "min_adversarial_accuracy":
-        attack = session.attack_result(planned.attack or "")
-        measured = attack.accuracy
-        passed = measured >= limit
-        detail = (
-            f"adversarial accuracy {measured:.4f} {'>=' if passed else '<'} min {limit:.4f} "
-            f"(clean {session.clean_accuracy():.4f}, success rate {attack.success_rate:.4f})"
-        )
-    elif key in ("max_fragile_fraction", "max_targeted_layers", SWEEP_ONLY):
-        local = _local(session.sweeps(planned.filter or "", planned.attack or ""))
-        if key == "max_fragile_fraction":
-            response = session.spec.checks.max_fragile_fraction.on  # type: ignore[union-attr]
-            measured, layers = fragile_fraction(local, response)
-            passed = measured <= limit
-            detail = (
-                f"{'' if response == 'adversarial' else 'clean '}fragile fraction {measured:.2f} "
-                f"{'<=' if passed else '>'} max {limit:.2f}"
-            )
-        elif key == "max_targeted_layers":
-            targeted = sorted((s for s in local if s.targeted), key=lambda s: s.scores.difference)
-            layers = [s.layer or "" for s in targeted]
-            measured = float(len(layers))
-            passed = measured <= limit
-            detail = f"{len(layers)} targeted layers {'<=' if passed else '>'} max {int(limit)}"
-        else:
-            measured, passed, detail = 0.0, True, "sweep computed"
-        if layers:
-            detail += f" ({_layers_text(layers)})"
-    elif key == REMEDIATION_ONLY:
-        session.remediation()
-        measured, passed, detail = 0.0, True, "remediation computed"
-    elif key == TRANSFER_ONLY:
-        session.transfer()
-        measured, passed, detail = 0.0, True, "transferability computed"
-    elif key in ("no_new_fragile_layers", "max_score_drop"):
-        return session.baseline_check(planned)
-    else:
-        raise UnsupportedError(
-            f"check {key!r} is validated but not supported yet in this version; remove it from "
-            "'checks' to run the audit."
-        )
+def _result(
+    planned: PlannedCheck,
+    measured: float,
+    passed: bool,
+    detail: str,
+    layers: Sequence[str] = (),
+) -> CheckResult:
+    """The item's verdict; the culprit layers, when there are any, close its detail."""
+    if layers:
+        detail += f" ({_layers_text(layers)})"
     return CheckResult(
         id=planned.id,
         passed=passed,
         measured=measured,
-        limit=limit,
+        limit=planned.limit,
         detail=detail,
-        check=key,
+        check=planned.check,
         line=planned.line,
-        layers=layers,
+        layers=list(layers),
     )
+
+
+def _sweeps_of(planned: PlannedCheck, measurements: Measurements) -> list[SweepResult]:
+    return measurements.sweeps(planned.filter or "", planned.attack or "")
+
+
+# --------------------------------------------------------------------------- the evaluators
+def _min_clean_accuracy(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    measured, limit = m.clean_accuracy(), planned.limit
+    passed = measured >= limit
+    detail = f"clean accuracy {measured:.4f} {'>=' if passed else '<'} min {limit:.4f}"
+    return _result(planned, measured, passed, detail)
+
+
+def _max_lipschitz_upper_bound(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    """An unavailable bound fails: a gate that cannot measure must not let the model through."""
+    lipschitz, limit = m.lipschitz, planned.limit
+    bound = lipschitz.network_upper_bound
+    if bound is None or math.isnan(bound):
+        reason = lipschitz.note or "network bound unavailable (no reason recorded)"
+        return _result(planned, math.inf, False, f"{reason}; cannot assert max {limit:.4g}")
+    passed = bound <= limit
+    worst = sorted(lipschitz.layers, key=lambda layer: -layer.upper_bound)[:3]
+    detail = (
+        f"network Lipschitz bound {bound:.4g} {'<=' if passed else '>'} max {limit:.4g}"
+        f" (largest layers: {', '.join(f'{x.layer} {x.upper_bound:.3g}' for x in worst)})"
+    )
+    result = _result(planned, bound, passed, detail)
+    # The culprits go into ``layers`` (for the report) without repeating them in the detail.
+    return result if passed else replace(result, layers=[x.layer for x in worst])
+
+
+def _min_adversarial_gain(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    remediation = m.remediation()
+    if remediation is None:  # planning only asks for this check when the spec remediates
+        raise UnsupportedError("min_adversarial_gain needs 'remediation' in the spec")
+    selective, control = remediation["selective"], remediation["control"]
+    measured = selective["adversarial_after"] - selective["adversarial_before"]
+    control_gain = control["adversarial_after"] - control["adversarial_before"]
+    passed = measured >= planned.limit
+    detail = (
+        f"selective retraining adversarial gain {measured:+.4f} "
+        f"{'>=' if passed else '<'} min {planned.limit:+.4f} (control: {control_gain:+.4f}; "
+        f"frozen: {', '.join(remediation['frozen_layers']) or 'none'})"
+    )
+    return _result(planned, measured, passed, detail)
+
+
+def _min_adversarial_accuracy(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    attack = m.attack_result(planned.attack or "")
+    measured, limit = attack.accuracy, planned.limit
+    passed = measured >= limit
+    detail = (
+        f"adversarial accuracy {measured:.4f} {'>=' if passed else '<'} min {limit:.4f} "
+        f"(clean {m.clean_accuracy():.4f}, success rate {attack.success_rate:.4f})"
+    )
+    return _result(planned, measured, passed, detail)
+
+
+def _max_fragile_fraction(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    measured, layers = fragile_fraction(_local(_sweeps_of(planned, m)), planned.response)
+    passed = measured <= planned.limit
+    detail = (
+        f"{'' if planned.response == 'adversarial' else 'clean '}fragile fraction "
+        f"{measured:.2f} {'<=' if passed else '>'} max {planned.limit:.2f}"
+    )
+    return _result(planned, measured, passed, detail, layers)
+
+
+def _max_targeted_layers(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    local = _local(_sweeps_of(planned, m))
+    targeted = sorted((s for s in local if s.targeted), key=lambda s: s.scores.difference)
+    layers = [s.layer or "" for s in targeted]
+    passed = len(layers) <= planned.limit
+    detail = f"{len(layers)} targeted layers {'<=' if passed else '>'} max {int(planned.limit)}"
+    return _result(planned, float(len(layers)), passed, detail, layers)
+
+
+def _sweep_only(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    _sweeps_of(planned, m)
+    return _result(planned, 0.0, True, "sweep computed")
+
+
+def _remediation_only(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    m.remediation()
+    return _result(planned, 0.0, True, "remediation computed")
+
+
+def _transfer_only(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    m.transfer()
+    return _result(planned, 0.0, True, "transferability computed")
+
+
+def _regression(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    return regression_check(planned, _sweeps_of(planned, m), m.baseline_model())
+
+
+EVALUATORS: dict[str, Evaluator] = {
+    "min_clean_accuracy": _min_clean_accuracy,
+    "max_lipschitz_upper_bound": _max_lipschitz_upper_bound,
+    "min_adversarial_gain": _min_adversarial_gain,
+    "min_adversarial_accuracy": _min_adversarial_accuracy,
+    "max_fragile_fraction": _max_fragile_fraction,
+    "max_targeted_layers": _max_targeted_layers,
+    "no_new_fragile_layers": _regression,
+    "max_score_drop": _regression,
+    SWEEP_ONLY: _sweep_only,
+    REMEDIATION_ONLY: _remediation_only,
+    TRANSFER_ONLY: _transfer_only,
+}
+
+
+def evaluate_check(planned: PlannedCheck, measurements: Measurements) -> CheckResult:
+    """Measure what ``planned`` needs (computed lazily, once) and compare it with its limit."""
+    evaluator = EVALUATORS.get(planned.check)
+    if evaluator is None:
+        raise UnsupportedError(
+            f"check {planned.check!r} is validated but not supported yet in this version; "
+            "remove it from 'checks' to run the audit."
+        )
+    return evaluator(planned, measurements)
+
+
+# --------------------------------------------------------------------------- regression checks
+def find_baseline_model(
+    released: AuditResult, name: str, *, baseline: Path, spec: Path | None, line: int | None
+) -> ModelResult:
+    """The model named ``name`` in the baseline's results: never another model in its place."""
+    model = next((m for m in released.models if m.name == name), None)
+    if model is None:
+        found = ", ".join(repr(m.name) for m in released.models) or "no model"
+        where = f"{spec if spec is not None else name}{f':{line}' if line else ''}"
+        raise BaselineError(
+            f"{where}: baseline: {baseline} holds no model named {name!r} (it holds {found}); "
+            "the regression checks compare a model with its own released results, so point "
+            "'baseline' at a results.json of this model, or give the spec the released name."
+        )
+    return model
+
+
+def _paired(
+    planned: PlannedCheck, now: Sequence[SweepResult], baseline: ModelResult
+) -> list[tuple[SweepResult, SweepResult | None]]:
+    """Each current sweep with the baseline's sweep of the same scope, filter and attack."""
+    before = {
+        (s.scope, s.layer): s
+        for s in baseline.sweeps
+        if s.filter == planned.filter and s.attack == planned.attack
+    }
+    pairs = [(s, before.get((s.scope, s.layer))) for s in now]
+    if not any(old is not None for _, old in pairs):
+        has = sorted({f"{s.filter} under {s.attack}" for s in baseline.sweeps}) or ["no sweeps"]
+        raise BaselineError(
+            f"baseline model {baseline.name!r} has no sweep of {planned.filter} under "
+            f"{planned.attack} for the layers analysed now (it has: {', '.join(has)}); "
+            "re-run the baseline with this spec's filters, attacks and layers."
+        )
+    return pairs
+
+
+def regression_check(
+    planned: PlannedCheck, now: Sequence[SweepResult], baseline: ModelResult
+) -> CheckResult:
+    """``no_new_fragile_layers`` or ``max_score_drop`` of ``now`` against the released sweeps.
+
+    A scope is newly fragile for a response when it is fragile now and was not in the
+    baseline (or was not analysed there); a score drop is baseline score − current score,
+    for the clean, adversarial and difference scores of every scope analysed in both.
+    """
+    pairs = _paired(planned, now, baseline)
+    if planned.check == "no_new_fragile_layers":
+        layers = [
+            f"{s.layer or 'global'} ({response})"
+            for s, old in pairs
+            for response in RESPONSES
+            if getattr(s.labels, response) == "fragile"
+            and (old is None or getattr(old.labels, response) != "fragile")
+        ]
+        passed = len(layers) <= planned.limit
+        detail = f"{len(layers)} layers newly fragile since the baseline"
+        return _result(planned, float(len(layers)), passed, detail, layers)
+    drops = sorted(
+        (
+            (getattr(old.scores, response) - getattr(s.scores, response), s, response)
+            for s, old in pairs
+            if old is not None
+            for response in ("clean", "adversarial", "difference")
+        ),
+        key=lambda d: -d[0],
+    )
+    measured = drops[0][0]
+    passed = measured <= planned.limit
+    layers = [f"{s.layer or 'global'} ({r})" for drop, s, r in drops if drop > planned.limit]
+    detail = f"largest score drop {measured:.3f} {'<=' if passed else '>'} max {planned.limit:.3f}"
+    return _result(planned, measured, passed, detail, layers)
 
 
 def failure_line(result: CheckResult, planned: PlannedCheck, spec: AuditSpec) -> str:

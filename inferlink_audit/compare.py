@@ -8,15 +8,27 @@ crafted on one model, accuracy measured on the others, on the same test set.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
+from .attacks import Attack
 from .results import RESPONSES, ModelResult
 
-if TYPE_CHECKING:
-    from .audit import AuditSession
+
+@dataclass(frozen=True)
+class TransferModel:
+    """One model of a transfer matrix, as plain data: what crafting on it and measuring it need."""
+
+    name: str
+    model: nn.Module  # inputs in the input range; normalisation inside
+    x: torch.Tensor  # the test set, on the model's device
+    y: torch.Tensor
+    batch_size: int
+    attacks: Mapping[str, Attack]  # by attack id, in the spec's order
 
 
 def _architecture(model: ModelResult) -> tuple[tuple[str, str, int], ...]:
@@ -61,35 +73,53 @@ def label_consistency(models: Sequence[ModelResult]) -> dict[str, Any]:
     }
 
 
-def transferability(sessions: Sequence[AuditSession]) -> list[dict[str, Any]]:
-    """Accuracy of every model on every other model's adversarial examples (same test set)."""
+def _craft(source: TransferModel, attack: Attack) -> torch.Tensor:
+    """The attack's examples on ``source``, each at its place in the data (as in the audit)."""
+    parts = []
+    for start in range(0, int(source.y.shape[0]), source.batch_size):
+        stop = start + source.batch_size
+        xb, yb = source.x[start:stop], source.y[start:stop]
+        parts.append(attack(source.model, xb, yb, offset=start).adversarial)
+    return torch.cat(parts)
+
+
+def _accuracy(target: TransferModel, x_adv: torch.Tensor) -> float:
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, int(target.y.shape[0]), target.batch_size):
+            stop = start + target.batch_size
+            logits = target.model(x_adv[start:stop].to(target.x.device))
+            correct += int((logits.argmax(1) == target.y[start:stop]).sum())
+    return correct / int(target.y.shape[0])
+
+
+def _same_examples(a: TransferModel, b: TransferModel) -> bool:
+    """Transfer is only meaningful when both models are tested on the very same examples."""
+    return (
+        a.x.shape == b.x.shape
+        and torch.equal(a.x.cpu(), b.x.cpu())
+        and torch.equal(a.y.cpu(), b.y.cpu())
+    )
+
+
+def transferability(models: Sequence[TransferModel]) -> list[dict[str, Any]]:
+    """Accuracy of every model on every model's adversarial examples (same test set).
+
+    The row whose source is its target is the white-box accuracy of the attack itself.
+    """
     rows: list[dict[str, Any]] = []
-    for source in sessions:
-        for spec in source.spec.attack_specs:
-            attack = source._attack(spec.id)
-            model = source.prepared.loaded.module
-            crafted = [out.adversarial for *_, out in source.prepared.data.attacked(attack, model)]
-            x_adv = torch.cat(crafted)
-            for target in sessions:
-                data = target.prepared.data
-                if data.x.shape != source.prepared.data.x.shape or not torch.equal(
-                    data.y.cpu(), source.prepared.data.y.cpu()
-                ):
-                    continue  # transfer is only meaningful on the same examples
-                correct = 0
-                with torch.inference_mode():
-                    for start in range(0, data.n, data.batch_size):
-                        xb = x_adv[start : start + data.batch_size].to(data.x.device)
-                        logits = target.prepared.loaded.module(xb)
-                        correct += int(
-                            (logits.argmax(1) == data.y[start : start + data.batch_size]).sum()
-                        )
+    for source in models:
+        for attack_id, attack in source.attacks.items():
+            x_adv = _craft(source, attack)
+            for target in models:
+                if not _same_examples(source, target):
+                    continue
                 rows.append(
                     {
-                        "attack": spec.id,
-                        "source": source.spec.name,
-                        "target": target.spec.name,
-                        "accuracy": correct / data.n,
+                        "attack": attack_id,
+                        "source": source.name,
+                        "target": target.name,
+                        "accuracy": _accuracy(target, x_adv),
                         "white_box": target is source,
                     }
                 )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from example_audits.digits import DigitsCNN
 from inferlink_audit.audit import run_audit
+from inferlink_audit.data import load_dataset
 from inferlink_audit.errors import SpecError
+from inferlink_audit.results import AuditResult
 from inferlink_audit.spec_loader import load_spec
 
 from .specs import EXAMPLES, digits_spec, write_spec
@@ -26,13 +33,19 @@ def _noisy_checkpoint(path, scale: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compare_dir(tmp_path_factory) -> Path:
+    """The bundled digits CNN's spec, comparing it with a noisy copy of its checkpoint."""
     folder = tmp_path_factory.mktemp("compare")
     model = dict(digits_spec()["model"])  # type: ignore[arg-type]
     model["checkpoint"] = _noisy_checkpoint(folder / "noisy.safetensors", 0.05)
     write_spec(folder, "other.yaml", name="digits-noisy", model=model, filtering=SMALL)
-    spec = load_spec(write_spec(folder, filtering=SMALL, compare=["other.yaml"]))
-    result, _, _ = run_audit(spec)
+    write_spec(folder, filtering=SMALL, compare=["other.yaml"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def compared(compare_dir: Path) -> AuditResult:
+    result, _, _ = run_audit(load_spec(compare_dir / "audit.yaml"))
     return result
 
 
@@ -64,7 +77,23 @@ def test_consistency_counts_agreeing_labels(compared):
     }
 
 
-def test_transfer_matrix_on_the_same_examples(compared):
+def _by_hand(checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The digits CNN behind the spec's (x − 0.5) / 0.5, built without the library."""
+    net = DigitsCNN(num_classes=10)
+    net.load_state_dict(load_file(checkpoint))
+    net.eval()
+    return lambda x: net((x - 0.5) / 0.5)
+
+
+def _fgsm_by_hand(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float
+) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
+
+
+def test_transfer_accuracy_is_the_targets_accuracy_on_the_sources_examples(compared, compare_dir):
     transfer = compared.consistency["transfer"]
     assert {(t["source"], t["target"]) for t in transfer} == {
         ("digits-small", "digits-small"),
@@ -72,13 +101,28 @@ def test_transfer_matrix_on_the_same_examples(compared):
         ("digits-noisy", "digits-noisy"),
         ("digits-noisy", "digits-small"),
     }
-    a = compared.models[0]
-    white = next(t for t in transfer if t["source"] == t["target"] == "digits-small")
-    assert white["white_box"] and white["accuracy"] == pytest.approx(a.attacks[0].accuracy)
-    black = next(
-        t for t in transfer if t["source"] == "digits-noisy" and t["target"] == "digits-small"
+    data = load_dataset(load_spec(compare_dir / "audit.yaml").data)
+    models = {
+        "digits-small": _by_hand(EXAMPLES / "digits_cnn.safetensors"),
+        "digits-noisy": _by_hand(compare_dir / "noisy.safetensors"),
+    }
+    expected = {}
+    for source, crafting in models.items():
+        x_adv = _fgsm_by_hand(crafting, data.x, data.y, eps=0.1)
+        for target, measuring in models.items():
+            with torch.no_grad():
+                correct = int((measuring(x_adv).argmax(1) == data.y).sum())
+            expected[source, target] = correct / len(data)
+    measured = {(t["source"], t["target"]): t["accuracy"] for t in transfer}
+    assert measured == pytest.approx(expected, abs=1e-12)
+    # The crafted examples do transfer only in part: the numbers differ per pair.
+    assert expected["digits-noisy", "digits-small"] != expected["digits-small", "digits-small"]
+    white = {t["source"]: t for t in transfer if t["white_box"]}
+    assert set(white) == {"digits-small", "digits-noisy"}
+    assert all(t["source"] == t["target"] for t in white.values())
+    assert white["digits-small"]["accuracy"] == pytest.approx(
+        compared.models[0].attacks[0].accuracy
     )
-    assert 0.0 <= black["accuracy"] <= 1.0 and not black["white_box"]
 
 
 def test_different_architectures_have_no_agreement(tmp_path):
