@@ -84,27 +84,44 @@ def test_zero_adversarial_reference_normalises_by_clean():
 
 
 def test_tolerance_boundary():
-    # φ exactly -τ is not fragile (strict inequality)
+    # φ exactly -τ is not fragile, and φΔ exactly -τ is not targeted: both inequalities are
+    # strict. τ = 1/16 and the curves are dyadic, so Simpson's sum is exact and φ is -τ itself.
     base = 1 - REMOVED
-    shift = 0.05
-    s = score_curves(
-        base - shift,
-        base - shift,
+    tau = 1 / 16
+    on = score_curves(
+        base - tau,
+        base - tau,
         REMOVED,
         clean_reference=1.0,
         adversarial_reference=1.0,
-        tolerance=0.05,
+        tolerance=tau,
     )
-    assert s.scores.clean == pytest.approx(-0.05)
-    s2 = score_curves(
-        base - 0.06,
-        base - 0.06,
+    assert on.scores.clean == on.scores.adversarial == simpson(-tau * np.ones(N), x=alpha_hat(N))
+    assert on.scores.clean == -tau
+    assert on.labels == Labels(clean="robust", adversarial="robust")
+    below = score_curves(
+        base - tau - 2**-10,
+        base - tau - 2**-10,
         REMOVED,
         clean_reference=1.0,
         adversarial_reference=1.0,
-        tolerance=0.05,
+        tolerance=tau,
     )
-    assert s2.labels.clean == "fragile"
+    assert below.scores.clean == -tau - 2**-10
+    assert below.labels == Labels(clean="fragile", adversarial="fragile")
+    targeted = [
+        score_curves(
+            base,
+            base - shift,
+            REMOVED,
+            clean_reference=1.0,
+            adversarial_reference=1.0,
+            tolerance=tau,
+        )
+        for shift in (tau, tau + 2**-10)
+    ]
+    assert [t.scores.difference for t in targeted] == [-tau, -tau - 2**-10]
+    assert [t.targeted for t in targeted] == [False, True]
 
 
 def _sweep(layer, numel, clean, adv, score=-0.1):
