@@ -393,6 +393,12 @@ class AuditSpec(_Strict):
             )
         if self.remediation is not None and self.data.train is None:
             raise ValueError("remediation retrains the model: set data.train (the training split)")
+        if self.remediation is not None and "local" not in self.filtering.scopes:
+            # the global scope labels no single layer, so there would be nothing to freeze
+            raise ValueError(
+                "remediation freezes the layers labelled fragile one by one: "
+                "add 'local' to filtering.scopes"
+            )
         return self
 
     # ----------------------------------------------------------------- loader-set metadata
