@@ -483,6 +483,7 @@ class AuditSession:
                         adversarial_normalised_by=scored.adversarial_normalised_by,
                         layers=[layer.name for layer in layers] if scope == "global" else [],
                         evaluated_variants=curves.evaluated_variants,
+                        inert_thresholds=curves.inert_thresholds,
                     )
                 )
         return results

@@ -72,6 +72,10 @@ class SweepResult:
     adversarial_normalised_by: str = "adversarial"  # "clean" when ψa⁰ = 0 (DESIGN §1.4)
     layers: list[str] = field(default_factory=list)  # the layers a global scope covers
     evaluated_variants: int = 0  # distinct masks actually evaluated (duplicates reused)
+    # Thresholds whose variant zeroed nonzero weights yet left every clean logit bit-identical
+    # to the unfiltered network's: the filter did not act there (a bypassed layer). A finding,
+    # shown in the report and the summary; it does not fail a check by itself.
+    inert_thresholds: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,12 @@ class Evaluator:
         # under ``fast`` a variant's response depends on the path that computed it.
         self.memo: dict[Hashable, tuple[float, float]] | None = None if fast else {}
         self.memo_hits = 0
+        # The unfiltered network's clean logits per batch, kept to recognise a variant whose
+        # logits stay bit-identical although it zeroes nonzero weights: a filter that did not
+        # act (a bypassed layer, a weight rebuilt on every call) must be a finding, not a point.
+        self.reference_logits = self._clean_logits()
+        self.last_unchanged = False  # whether the last evaluation's logits equalled them all
+        self.inert_variants: set[Hashable] = set()  # memo keys of such variants
 
     @contextmanager
     def focus(self, layer: str) -> Iterator[None]:
@@ -241,8 +247,18 @@ class Evaluator:
         return BatchedSuffix(prefix.suffix, names, prefix.fixed, labels, self.data.n, chunk)  # type: ignore[arg-type]
 
     def evaluate(self) -> tuple[float, float]:
+        """(clean, adversarial) accuracy; sets ``last_unchanged`` when every clean logit is
+        bit-identical to the unfiltered network's."""
         with self._autocast():
             return self._evaluate()
+
+    def _clean_logits(self) -> list[torch.Tensor]:
+        with self._autocast(), torch.inference_mode():
+            return [self.model(xb) for _, xb, _ in self.data.batches()]
+
+    def _unchanged(self, index: int, logits: torch.Tensor) -> bool:
+        reference = self.reference_logits[index]
+        return logits.dtype == reference.dtype and torch.equal(logits, reference)
 
     def _autocast(self) -> Any:
         """bf16 autocast on CUDA under ``fast`` (an approximation, off by default)."""
@@ -253,12 +269,15 @@ class Evaluator:
 
     def _evaluate(self) -> tuple[float, float]:
         clean = adversarial = 0
+        unchanged = True
         prefix = self._prefix
         for index, xb, yb in self.data.batches():
             if prefix is not None and prefix.fixed is not None:
                 live_clean, live_adv = prefix.fixed[index]
                 with torch.inference_mode():
-                    clean += _correct(prefix.suffix(*live_clean), yb)
+                    logits = prefix.suffix(*live_clean)
+                    unchanged = unchanged and self._unchanged(index, logits)
+                    clean += _correct(logits, yb)
                     adversarial += _correct(prefix.suffix(*live_adv), yb)
                 continue
             if prefix is not None and prefix.graphs is not None:
@@ -277,8 +296,10 @@ class Evaluator:
             with torch.inference_mode():
                 if clean_logits is None:
                     clean_logits = self.model(xb)
+                unchanged = unchanged and self._unchanged(index, clean_logits)
                 clean += _correct(clean_logits, yb)
                 adversarial += _correct(self.model(x_adv), yb)
+        self.last_unchanged = unchanged
         return clean / self.data.n, adversarial / self.data.n
 
 
@@ -292,6 +313,9 @@ class Curves:
     adversarial_accuracy: list[float]
     evaluated_variants: int
     numel: int
+    # Thresholds whose variant zeroed nonzero weights yet left every clean logit bit-identical
+    # to the unfiltered network's: the filter did not act there (see ``Evaluator``).
+    inert_thresholds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -444,6 +468,7 @@ def sweep_scope(
     distinct = list(dict.fromkeys(iv for iv in intervals if iv[1] > iv[0]))
     scope = ScopeWorkingCopy(tensors)
     seen: dict[tuple[int, int], tuple[float, float]] = {}
+    inert: set[tuple[int, int]] = set()
     try:
         batched = evaluator.batched_evaluation(tensors)
         if batched is not None:
@@ -462,10 +487,17 @@ def sweep_scope(
                 if memo is not None and key in memo:
                     seen[(start, stop)] = memo[key]
                     evaluator.memo_hits += 1
+                    if key in evaluator.inert_variants:
+                        inert.add((start, stop))
                 else:
                     scope.move(order, applied, (start, stop))
                     applied = (start, stop)
                     seen[(start, stop)] = evaluator.evaluate()
+                    # Zeroing weights that are already 0.0 changes nothing by construction.
+                    s = ordering.sorted_values
+                    if evaluator.last_unchanged and not s[start] == s[stop - 1] == 0:
+                        inert.add((start, stop))
+                        evaluator.inert_variants.add(key)
                     if memo is not None:
                         memo[key] = seen[(start, stop)]
                 if on_variant is not None:
@@ -483,4 +515,5 @@ def sweep_scope(
         adversarial_accuracy=adversarial,
         evaluated_variants=len(seen),
         numel=ordering.numel,
+        inert_thresholds=[float(a) for a, iv in zip(grid, intervals, strict=True) if iv in inert],
     )
