@@ -291,14 +291,16 @@ def selective_retrain(
         return model.get_submodule(inner_prefix.rstrip(".")) if inner_prefix else model
 
     original = inner_of(wrapped)
-    normalisation, found_by = attached_normalisation(original, [*fragile_layers, *trained_layers])
+    position = {name: i for i, (name, _) in enumerate(original.named_modules())}
+    analysed = sorted([*fragile_layers, *trained_layers], key=lambda n: position.get(n, -1))
+    normalisation, found_by = attached_normalisation(original, analysed)
 
     def unit(layers: Sequence[str]) -> list[str]:
         return [m for layer in layers for m in (layer, *normalisation.get(layer, []))]
 
     plans = {
         "selective": (unit(trained_layers), unit(fragile_layers)),
-        "control": (unit([*fragile_layers, *trained_layers]), []),
+        "control": (unit(analysed), []),
     }
     before_state = {k: v.detach().clone() for k, v in original.state_dict().items()}
     before = _accuracies(wrapped, test, attack)

@@ -527,14 +527,19 @@ def _remediation_view(data: dict[str, Any] | None) -> dict[str, Any] | None:
                 }
             )
     known = {"selective", "control", "frozen_layers", "trained_layers", "checkpoint"}
+    extra = [
+        (k, fmt_meta(v)) for k, v in data.items() if k not in known and not isinstance(v, dict)
+    ]
+    normalisation = data.get("normalisation")
+    if isinstance(normalisation, dict):  # which normalisation trains or stays with which layer
+        pairs = [f"{layer} → {fmt_meta(mods)}" for layer, mods in normalisation.items()]
+        extra.append(("normalisation", ", ".join(pairs) or "none"))
     return {
         "frozen": list(data.get("frozen_layers") or []),
         "trained": list(data.get("trained_layers") or []),
         "checkpoint": data.get("checkpoint"),
         "runs": runs,
-        "extra": [
-            (k, fmt_meta(v)) for k, v in data.items() if k not in known and not isinstance(v, dict)
-        ],
+        "extra": extra,
     }
 
 

@@ -5,7 +5,9 @@ written checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from inferlink_audit.errors import IntegrityError, SpecError
 from inferlink_audit.fileio import sha256_file
 from inferlink_audit.models import NormalizedModel
 from inferlink_audit.remediation import safe_file_stem, selective_retrain
+from inferlink_audit.report import report_html
 from inferlink_audit.results import AuditResult, write_results
 from inferlink_audit.spec import FGSMSpec, SelectiveRetrainSpec
 from inferlink_audit.spec_loader import load_spec
@@ -409,6 +412,20 @@ def test_the_graph_not_the_registration_order_decides_which_normalisation_is_fro
     kept = {k for k in before if bits(selective[k]) == bits(before[k])}
     assert kept == tensors("conv_a") | tensors("bn_a", bn=True)
     assert result["normalisation"] == {"conv_a": ["bn_a"], "conv_b": ["bn_b"]}
+
+
+def test_report_names_the_normalisation_and_the_trained_tensors(tmp_path, session):
+    audit, _ = session
+    result = retrain(tmp_path, seeded(NormNet), fragile=["conv1", "fc1"], trained=["conv2", "fc2"])
+    model = dataclasses.replace(audit.model_result([]), remediation=result)
+    page = report_html(AuditResult(meta=audit.meta(1.0), models=[model]))
+    section = page[page.index('<section id="remediation">') :]
+    text = re.sub(
+        r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", section[: section.index("</section>")]))
+    )
+    assert "conv1 → bn1, conv2 → bn2, fc1 → ln1" in text
+    assert f"trained_tensors {', '.join(result['trained_tensors'])} " in text
+    assert "remediated/control/net.safetensors" in text
 
 
 def test_a_frozen_tensor_written_by_the_forward_pass_is_an_integrity_error(tmp_path):
