@@ -52,7 +52,13 @@ def test_cuda_present() -> None:
     device = resolve_device("cuda:0")
     assert device == torch.device("cuda", 0)
     assert describe_device(device).startswith("cuda:0 (")
+    done = torch.cuda.Event()
+    x = torch.randn(4096, 4096, device=device)
+    for _ in range(8):  # queued asynchronously: the host returns before the GPU finishes
+        x = x @ x / 64
+    done.record()
     synchronize(device)
+    assert done.query()
 
 
 @needs_cuda
@@ -83,8 +89,19 @@ def test_mps_when_unavailable() -> None:
             resolve_device("mps")
 
 
-def test_synchronize_cpu_is_a_no_op() -> None:
+def test_synchronize_waits_on_cuda_and_mps_and_calls_nothing_on_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each backend's own wait is called with the device; the CPU has nothing to wait for.
+    The backends are replaced by recorders, so this runs on any machine."""
+    calls: list[tuple[str, tuple[object, ...]]] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(("cuda", a)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda *a: calls.append(("mps", a)))
     synchronize(torch.device("cpu"))
+    assert calls == []
+    synchronize(torch.device("cuda", 3))
+    synchronize(torch.device("mps"))
+    assert calls == [("cuda", (torch.device("cuda", 3),)), ("mps", ())]
 
 
 def test_seed_everything_repeats_every_generator() -> None:

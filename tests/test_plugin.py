@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from pytest_inferlink.plugin import (
     INI_AUDIT,
+    INI_DEVICE,
+    INI_REPORT,
     OPTION_AUDIT,
     OPTION_DEVICE,
     OPTION_REPORT,
@@ -269,9 +271,7 @@ def test_a_failing_check_says_what_was_measured_and_where(
 def test_k_selects_items_and_the_report_holds_what_they_measured(
     pytester: pytest.Pytester, spec: Path
 ) -> None:
-    result = pytester.runpytest(
-        OPTION_AUDIT, str(spec), "-k", "low_pass and targeted", OPTION_DEVICE, "cpu"
-    )
+    result = pytester.runpytest(OPTION_AUDIT, str(spec), "-k", "low_pass and targeted")
     result.assert_outcomes(passed=1, deselected=5)
     data = json.loads((pytester.path / "inferlink-report" / "results.json").read_text())
     (model,) = data["models"]
@@ -457,3 +457,74 @@ def test_compare_and_remediation_reach_the_report(pytester: pytest.Pytester) -> 
         ("other", "other"),
         ("other", "main"),
     }
+
+
+# --------------------------------------------------------------------------- device and report
+# A device that no machine this suite runs on has, so a spec naming it cannot run as written.
+MISSING_DEVICE = "cuda:97"
+
+
+def device_spec(pytester: pytest.Pytester) -> Path:
+    return pytester.makefile(".yaml", spec=spec_text(extra=f"device: {MISSING_DEVICE}\n"))
+
+
+def assert_ran_on_cpu(result: pytest.RunResult, report: Path) -> None:
+    result.assert_outcomes(passed=1, deselected=5)
+    data = json.loads((report / "results.json").read_text(encoding="utf-8"))
+    assert data["meta"]["device"] == "cpu"
+    (model,) = data["models"]
+    assert [c["id"] for c in model["checks"]] == ["min_clean_accuracy"]
+
+
+def test_a_spec_whose_device_is_missing_fails_with_the_device_error(
+    pytester: pytest.Pytester,
+) -> None:
+    spec = device_spec(pytester)
+    result = pytester.runpytest(OPTION_AUDIT, str(spec), "-k", "min_clean_accuracy")
+    result.assert_outcomes(failed=1, deselected=5)
+    text = spec.read_text(encoding="utf-8")
+    result.stdout.fnmatch_lines(
+        [f"{spec}:{line_of(text, 'device:')}: device '{MISSING_DEVICE}': *Use device: cpu*"]
+    )
+
+
+def test_device_option_runs_the_spec_on_that_device_instead_of_the_specs(
+    pytester: pytest.Pytester,
+) -> None:
+    spec = device_spec(pytester)
+    result = pytester.runpytest(
+        OPTION_AUDIT, str(spec), "-k", "min_clean_accuracy", OPTION_DEVICE, "cpu"
+    )
+    assert_ran_on_cpu(result, pytester.path / "inferlink-report")
+
+
+def test_ini_keys_set_the_device_and_the_report_folder(pytester: pytest.Pytester) -> None:
+    spec = device_spec(pytester)
+    pytester.makeini(
+        f"""
+        [pytest]
+        {INI_DEVICE} = cpu
+        {INI_REPORT} = reports/from-ini
+        """
+    )
+    # Run from a subfolder: the ini's report path is relative to the rootdir, not to it.
+    (pytester.path / "sub").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(pytester.path / "sub")
+        result = pytester.runpytest(OPTION_AUDIT, str(spec), "-k", "min_clean_accuracy")
+    assert_ran_on_cpu(result, pytester.path / "reports" / "from-ini")
+    assert (pytester.path / "reports" / "from-ini" / "report.html").is_file()
+    assert not (pytester.path / "inferlink-report").exists()
+    assert not (pytester.path / "sub" / "inferlink-report").exists()
+
+
+def test_the_device_option_wins_over_the_ini_key(pytester: pytest.Pytester) -> None:
+    spec = pytester.makefile(".yaml", spec=spec_text())
+    pytester.makeini(f"[pytest]\n{INI_DEVICE} = {MISSING_DEVICE}\n")
+    failing = pytester.runpytest(OPTION_AUDIT, str(spec), "-k", "min_clean_accuracy")
+    failing.assert_outcomes(failed=1, deselected=5)
+    failing.stdout.fnmatch_lines([f"*device '{MISSING_DEVICE}'*"])
+    result = pytester.runpytest(
+        OPTION_AUDIT, str(spec), "-k", "min_clean_accuracy", OPTION_DEVICE, "cpu"
+    )
+    assert_ran_on_cpu(result, pytester.path / "inferlink-report")
