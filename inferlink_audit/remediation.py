@@ -249,7 +249,8 @@ def _check_frozen(
 
 
 def _write(path: Path, inner: nn.Module) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
+    # a copy of each tensor: safetensors refuses tied weights (two names, one storage)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in inner.state_dict().items()}
     atomic_write_bytes(path, save(state, metadata={"remediated_by": "inferlink-audit"}))
 
 

@@ -414,6 +414,31 @@ def test_the_graph_not_the_registration_order_decides_which_normalisation_is_fro
     assert result["normalisation"] == {"conv_a": ["bn_a"], "conv_b": ["bn_b"]}
 
 
+class TiedNet(nn.Module):
+    """fc_b uses fc_a's weight (weight tying): freezing fc_a freezes that weight under both
+    names, while fc_b's own bias trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_a = nn.Linear(64, 64)
+        self.fc_b = nn.Linear(64, 64)
+        self.fc_b.weight = self.fc_a.weight
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.fc_b(torch.relu(self.fc_a(x.flatten(1))))))
+
+
+def test_a_weight_tied_to_a_frozen_layer_stays_frozen_under_both_names(tmp_path):
+    net = seeded(TiedNet)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = retrain(tmp_path, net, fragile=["fc_a"], trained=["fc_b", "fc"])
+    selective = load_file(tmp_path / "remediated" / "net.safetensors")
+    kept = {k for k in before if bits(selective[k]) == bits(before[k])}
+    assert kept == {"fc_a.weight", "fc_a.bias", "fc_b.weight"}
+    assert result["trained_tensors"] == ["fc_b.bias", "fc.weight", "fc.bias"]
+
+
 def test_report_names_the_normalisation_and_the_trained_tensors(tmp_path, session):
     audit, _ = session
     result = retrain(tmp_path, seeded(NormNet), fragile=["conv1", "fc1"], trained=["conv2", "fc2"])
