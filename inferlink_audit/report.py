@@ -23,7 +23,7 @@ import importlib.resources
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -35,6 +35,7 @@ from markupsafe import Markup
 from . import __version__
 from .fileio import atomic_write_text
 from .results import RESPONSES, AuditResult, CheckResult, ModelResult, SweepResult
+from .summary import INERT_EXPLANATION, inert_sweeps
 
 if TYPE_CHECKING:
     from .plots import CurvePlotter
@@ -238,6 +239,8 @@ class _ModelView:
     remediation: dict[str, Any] | None
     definitions: str
     sections: list[tuple[str, str]]
+    inert: list[str] = field(default_factory=list)  # sweeps whose filter did not act somewhere
+    inert_note: str = INERT_EXPLANATION
 
 
 def _layer_order(model: ModelResult) -> list[str]:
@@ -399,7 +402,7 @@ def _scope_view(
             for s in sweeps
             if normalise_sweep(model, s).adversarial_by_clean
         }
-    )
+    ) + [f"inert: {line}" for line in inert_sweeps(sweeps)]
     svg = plotter.svg(model, sweeps, title=title, id_prefix=f"{svg_prefix}-{k}")
     return _Scope(
         anchor=f"curve{suffix}-{k}-{_slug(name)}",
@@ -504,6 +507,7 @@ def _model_view(model: ModelResult, index: int, plotter: CurvePlotter) -> _Model
         remediation=_remediation_view(model.remediation),
         definitions=_definitions(model),
         sections=[(f"{sid}{suffix}", title) for sid, title in _SECTIONS],
+        inert=inert_sweeps(model.sweeps),
     )
 
 

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
-from .results import AuditResult, ModelResult
+from collections.abc import Iterable
+
+from .results import AuditResult, ModelResult, SweepResult
 
 _SHORT = {"fragile": "F", "robust": "r", "antifragile": "A"}
+
+INERT_EXPLANATION = (
+    "At these thresholds the filter zeroed nonzero weights, yet every clean logit on the whole "
+    "test set stayed bit-identical to the unfiltered network's: the filter did not act there, "
+    "so those points measure the unfiltered network. The layer is bypassed (its output unused "
+    "or multiplied by zero), or the zeroed weights only touch units that are zero on every "
+    "input (dead ReLUs). Labels are computed all the same and no check fails for this alone; "
+    "look at the layer, or leave it out with filtering.layers.exclude."
+)
+
+
+def inert_sweeps(sweeps: Iterable[SweepResult]) -> list[str]:
+    """One line per sweep with inert thresholds (``SweepResult.inert_thresholds``)."""
+    return [
+        f"{s.layer or 'global'} · {s.filter} · {s.attack}: {len(s.inert_thresholds)} of "
+        f"{len(s.thresholds)} thresholds"
+        for s in sweeps
+        if s.inert_thresholds
+    ]
 
 
 def label_table(model: ModelResult) -> list[str]:
@@ -53,6 +74,10 @@ def text_summary(result: AuditResult) -> str:
                 f"rms distortion {attack.distortion_rms:.4f}"
             )
         out.extend("   " + line for line in label_table(model))
+        inert = inert_sweeps(model.sweeps)
+        if inert:
+            out.append(f"   WARNING inert filtering: {'; '.join(inert)}.")
+            out.append(f"   {INERT_EXPLANATION}")
         passed = [c for c in model.checks if c.passed]
         failed = [c for c in model.checks if not c.passed]
         out.append(f"   checks: {len(passed)} passed, {len(failed)} failed")

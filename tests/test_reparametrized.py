@@ -3,20 +3,29 @@ filter that leaves every logit bit-identical is reported as inert, never as a si
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
 from inferlink_audit.attacks import FGSM
+from inferlink_audit.audit import AuditSession, run_audit
 from inferlink_audit.errors import UnsupportedError
 from inferlink_audit.filters import pulse_half_width, threshold_grid
 from inferlink_audit.layers import AnalysedLayer, select_layers
 from inferlink_audit.prefix import NetworkSplitter
+from inferlink_audit.report import report_html
+from inferlink_audit.results import read_results, write_results
 from inferlink_audit.spec import FGSMSpec, LayerSelectionSpec
+from inferlink_audit.spec_loader import load_spec
+from inferlink_audit.summary import INERT_EXPLANATION, text_summary
 from inferlink_audit.sweep import Curves, EvalData, Evaluator, frozen_parameters, sweep_scope
 
 from .naive_reference import naive_sweep
@@ -226,9 +235,14 @@ def _bypassed() -> tuple[nn.Module, torch.Tensor, torch.Tensor, dict[str, Analys
     return model, x, y, layers
 
 
-def _nonempty_thresholds(tensors: list[torch.Tensor], filter_name: str) -> list[float]:
-    """Thresholds whose filter zeroes at least one element (independently of the engine)."""
+def _inert_thresholds(
+    tensors: list[torch.Tensor], filter_name: str, bypassed: list[bool] | None = None
+) -> list[float]:
+    """Thresholds whose filter zeroes at least one element, all of them in ``bypassed``
+    tensors (by default all), computed independently of the engine."""
     values = np.concatenate([t.detach().double().numpy().ravel() for t in tensors])
+    flags = bypassed or [True] * len(tensors)
+    inside = np.concatenate([np.full(t.numel(), b) for t, b in zip(tensors, flags, strict=True)])
     grid = threshold_grid(values.min(), values.max(), THRESHOLDS, filter_name)  # type: ignore[arg-type]
     delta = pulse_half_width(values.min(), values.max(), THRESHOLDS)
     picked = []
@@ -239,7 +253,7 @@ def _nonempty_thresholds(tensors: list[torch.Tensor], filter_name: str) -> list[
             mask = values <= alpha
         else:
             mask = (values >= alpha - delta) & (values < alpha + delta)
-        if mask.any():
+        if mask.any() and not (mask & ~inside).any():
             picked.append(float(alpha))
     return picked
 
@@ -252,7 +266,7 @@ def test_inert_guard_flags_every_variant_of_a_bypassed_layer(
 ) -> None:
     model, x, y, layers = _bypassed()
     curves = _engine_curves(model, x, y, layers["aux"], filter_name, split=split, source=source)
-    expected = _nonempty_thresholds(layers["aux"].parameters, filter_name)
+    expected = _inert_thresholds(layers["aux"].parameters, filter_name)
     assert expected  # the sweep does zero weights of aux
     assert curves.inert_thresholds == expected
     assert len(set(curves.clean_accuracy)) == 1  # the flat curve the guard explains
@@ -281,3 +295,140 @@ def test_inert_guard_ignores_variants_that_zero_only_zeros() -> None:
     assert curves.thresholds[0] == 0.0
     assert curves.removed_fraction[0] == 0.5  # that variant zeroes exactly the zeros
     assert curves.inert_thresholds == []
+
+
+# --------------------------------------------------------------------------- end to end
+class ReparametrisedCNN(TinyCNN):
+    """A model factory for the audit: ``TinyCNN`` with ``kind`` applied to both layers."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        apply, _ = REPARAMETRISED[kind]
+        apply(self.conv)
+        apply(self.fc)
+
+
+def _write_audit(folder: Path, factory: str, model: nn.Module, kwargs: dict[str, Any]) -> Path:
+    x, y = _data(model)
+    torch.save(model.state_dict(), folder / "model.pt")
+    torch.save({"x": x, "y": y}, folder / "test.pt")
+    spec = {
+        "version": 1,
+        "name": "reparametrised",
+        "model": {"factory": f"tests.test_reparametrized:{factory}", "kwargs": kwargs},
+        "data": {"source": "tensors", "path": "test.pt", "batch_size": 16},
+        "device": "cpu",
+        "filtering": {"thresholds": THRESHOLDS, "filters": ["low_pass", "pulse"]},
+        "attacks": [{"fgsm": {"eps": EPS}}],
+    }
+    spec["model"]["checkpoint"] = "model.pt"  # type: ignore[index]
+    path = folder / "audit.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", list(REPARAMETRISED))
+def test_audit_of_a_reparametrised_model_equals_deep_copy_evaluations(
+    tmp_path: Path, kind: str
+) -> None:
+    """End to end (checkpoint, prefix reuse, memo, global scope): every curve is the one a deep
+    copy gives when the stored tensor's entries are zeroed."""
+    path = _write_audit(tmp_path, "ReparametrisedCNN", _reparametrised(kind), {"kind": kind})
+    session = AuditSession(load_spec(path))
+    model = session.prepared.loaded.module
+    x, y = session.prepared.data.x, session.prepared.data.y
+    stored = REPARAMETRISED[kind][1]
+    for filter_name in ("low_pass", "pulse"):
+        sweeps = session.sweeps(filter_name, f"fgsm_eps{EPS}")
+        with torch.no_grad():
+            model(x[:1])  # a hook-based weight_norm model deep-copies only after such a pass
+        assert [s.layer for s in sweeps] == ["conv", "fc", None]
+        for sweep in sweeps:
+            layers = [sweep.layer] if sweep.layer else ["conv", "fc"]
+            names = [f"model.{layer}.{stored}" for layer in layers]
+            clean, adv, removed, _ = naive_sweep(model, names, filter_name, THRESHOLDS, x, y, EPS)
+            where = f"{filter_name} {sweep.layer or 'global'}"
+            assert sweep.clean_accuracy == clean.tolist(), where
+            assert sweep.adversarial_accuracy == adv.tolist(), where
+            assert sweep.removed_fraction == pytest.approx(removed.tolist(), abs=1e-12), where
+            assert sweep.inert_thresholds == [], where
+
+
+def test_inert_filtering_is_reported_in_results_report_and_summary(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = _write_audit(tmp_path, "WithBypassedHead", WithBypassedHead().eval(), {})
+    result, _, session = run_audit(load_spec(path))
+    inert = {
+        (s.layer, s.filter): s.inert_thresholds
+        for s in result.models[0].sweeps
+        if s.inert_thresholds
+    }
+    layers = session.prepared.layers
+    assert [la.name for la in layers] == ["conv", "fc", "aux"]
+    everything = [t for la in layers for t in la.parameters]
+    aux_only = [la.name == "aux" for la in layers for _ in la.parameters]
+    expected = {
+        key: thresholds
+        for f in ("low_pass", "pulse")
+        for key, thresholds in (
+            # the aux head: every threshold that zeroes a weight of it
+            (("aux", f), _inert_thresholds(layers[-1].parameters, f)),
+            # the global scope: the thresholds that zero weights of aux alone
+            ((None, f), _inert_thresholds(everything, f, aux_only)),
+        )
+        if thresholds
+    }
+    assert ("aux", "low_pass") in expected and (None, "low_pass") in expected
+    assert inert == expected
+
+    write_results(result, tmp_path / "results.json")
+    data = json.loads((tmp_path / "results.json").read_text())
+    written = {
+        (s["layer"], s["filter"]): s["inert_thresholds"]
+        for s in data["models"][0]["sweeps"]
+        if s["inert_thresholds"]
+    }
+    assert written == expected
+    assert read_results(tmp_path / "results.json") == result
+
+    lines = [
+        f"{s.layer or 'global'} · {s.filter} · {s.attack}: "
+        f"{len(expected[(s.layer, s.filter)])} of {THRESHOLDS} thresholds"
+        for s in result.models[0].sweeps
+        if (s.layer, s.filter) in expected
+    ]
+    html = report_html(result)
+    banner = (
+        '<div class="note inert" role="note"><strong>Inert filtering</strong> in '
+        f"{len(expected)} sweeps: "
+        + "; ".join(f"<code>{line}</code>" for line in lines)
+        + f". {INERT_EXPLANATION}</div>"
+    )
+    assert banner.replace("'", "&#39;") in html
+    summary = text_summary(result).splitlines()
+    warning = summary.index(f"   WARNING inert filtering: {'; '.join(lines)}.")
+    assert summary[warning + 1] == f"   {INERT_EXPLANATION}"
+
+
+def test_results_without_inert_thresholds_still_read(tmp_path: Path) -> None:
+    """results.json written before the guard existed has no ``inert_thresholds`` key."""
+    torch.manual_seed(0)
+    path = _write_audit(tmp_path, "WithBypassedHead", WithBypassedHead().eval(), {})
+    spec = load_spec(path)
+    result, _, _ = run_audit(
+        spec.model_copy(
+            update={
+                "filtering": spec.filtering.model_copy(
+                    update={"filters": ["low_pass"], "scopes": ["global"]}
+                )
+            }
+        )
+    )
+    write_results(result, tmp_path / "results.json")
+    data = json.loads((tmp_path / "results.json").read_text())
+    for sweep in data["models"][0]["sweeps"]:
+        del sweep["inert_thresholds"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = read_results(tmp_path / "old.json")
+    assert [s.inert_thresholds for s in old.models[0].sweeps] == [[]]
