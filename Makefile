@@ -28,7 +28,7 @@ lint: $(STAMP)
 # One torch thread per xdist worker: two workers each spinning two OpenMP threads on two
 # cores slow the suite down many times over.
 test: $(STAMP) lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs -n 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sweep.py

@@ -53,15 +53,26 @@ CONTROL_PAGE = """<!doctype html>
 """
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+INSTALL_HINT = (
+    "headless Chromium is not installed (Debian: apt-get install chromium; "
+    ".ci/run installs it when apt is available)"
+)
+
+
+def in_ci() -> bool:
+    """CI services set ``CI=true``; there a missing browser must not pass as a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
 def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+    for name in CHROMIUM_NAMES:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip(
-        "headless Chromium is not installed (Debian: apt-get install chromium; "
-        ".ci/run installs it when apt is available)"
-    )
+    if in_ci():
+        pytest.fail(f"CI=true but {INSTALL_HINT}; the browser tests must run in CI")
+    pytest.skip(INSTALL_HINT)
 
 
 @dataclass
@@ -389,3 +400,17 @@ def test_report_opens_offline_without_errors_and_shows_the_failure(
     assert shot.stat().st_size > 20_000, "a blank page compresses to almost nothing"
     # Text, a coloured verdict and plots: many distinct byte values, not one background colour.
     assert len(set(pixels)) > 64
+
+
+# --------------------------------------------------------------------------- no silent skip
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_a_missing_chromium_fails_in_ci_and_skips_with_the_reason_elsewhere(
+    ci: str, outcome: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match=r"apt-get install chromium") as raised:
+        _chromium()
+    assert raised.type is outcome
