@@ -17,13 +17,12 @@ from typing import Literal, final
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import minimize as scipy_minimize
 from torch import nn
 
 from .errors import UnsupportedError
 from .spec import AttackSpec, FGSMSpec, GaussianSpec, LBFGSSpec, PGDSpec
 
-EXAMPLE_CHUNK = 64  # examples per seeded draw, and per joint L-BFGS problem
+EXAMPLE_CHUNK = 64  # examples per seeded draw
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,15 @@ class Attack(ABC):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, offset: int = 0
     ) -> AttackOutput:
         """Attack the examples ``offset, offset + 1, ...`` of the data (``x`` is that slice)."""
-        was_training = model.training
+        # Every submodule's own mode, so a model left partly in eval mode comes back so.
+        modes = [(module, module.training) for module in model.modules()]
         model.eval()
         try:
             with torch.enable_grad():
                 out = self.run(model, x.detach(), y, offset=offset)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
         return AttackOutput(out.adversarial.detach(), out.clean_logits)
 
     @abstractmethod
@@ -193,15 +194,27 @@ class BoxLBFGS(Attack):
     norm keeps the objective smooth at r = 0. c is searched per example (a bracketing search
     in log space): the largest c whose minimiser still reaches the target class gives the
     smallest distortion found. Examples that never reach their target are returned unchanged.
-    The examples of each chunk of ``EXAMPLE_CHUNK`` examples of the data are optimised
-    jointly (their objectives are independent, so the sum's minimiser is every example's
-    minimiser) by SciPy's L-BFGS-B with the box as bounds; the chunks are fixed by the
-    examples' positions, so batch sizes that are multiples of the chunk give the same numbers.
+
+    Every example is its own optimisation problem, with its own iteration count (``max_iter``
+    per example), curvature memory, line search and convergence test, so its result does not
+    depend on the examples it is batched with; the problems only share the network's forward
+    and backward passes. The optimiser is a projected L-BFGS in the spirit of L-BFGS-B (Byrd,
+    Lu, Nocedal, Zhu, *A limited memory algorithm for bound constrained optimization*, SIAM J.
+    Sci. Comput. 16, 1995) in the simpler active-set form of Kim, Sra, Dhillon (*Tackling
+    box-constrained optimization via a new projected quasi-Newton approach*, SIAM J. Sci.
+    Comput. 32, 2010): coordinates at a bound whose gradient points out of the box are held,
+    the quasi-Newton direction is taken on the others, and a backtracking Armijo search runs
+    along the projection onto the box. Its constants are SciPy's L-BFGS-B defaults.
     """
 
     spec: LBFGSSpec
     searches = 6  # values of c tried per example
     initial_c = 1.0
+    memory = 10  # correction pairs kept per example (SciPy's m)
+    max_backtracks = 20  # halvings of the step per line search (SciPy's max_ls)
+    pgtol = 1e-5  # stop when the projected gradient's largest entry is this small
+    ftol = 1e7 * float(np.finfo(float).eps)  # ... or the objective's relative decrease (factr)
+    armijo = 1e-4  # sufficient decrease of the line search
 
     def _targets(self, y: torch.Tensor, classes: int, offset: int) -> torch.Tensor:
         target = self.spec.target
@@ -227,11 +240,11 @@ class BoxLBFGS(Attack):
             )
         target = self._targets(y, classes, offset)
         best = x.clone()
-        start, n = 0, x.shape[0]
-        while start < n:
-            stop = min(n, ((offset + start) // EXAMPLE_CHUNK + 1) * EXAMPLE_CHUNK - offset)
-            best[start:stop] = self._search(model, x[start:stop], target[start:stop])
-            start = stop
+        # Slices only bound the optimiser's memory (curvature pairs per example); every
+        # example's problem is independent of the others in its slice.
+        for start in range(0, x.shape[0], EXAMPLE_CHUNK):
+            part = slice(start, start + EXAMPLE_CHUNK)
+            best[part] = self._search(model, x[part], target[part])
         return AttackOutput(best.clamp(self.lo, self.hi), clean_logits)
 
     def _search(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -242,11 +255,8 @@ class BoxLBFGS(Attack):
         high = np.full(n, np.inf)  # smallest c known to fail
         best = x.clone()
         best_norm = np.full(n, np.inf)
-        lo_bound = (self.lo - x).detach().double().cpu().numpy().ravel()
-        hi_bound = (self.hi - x).detach().double().cpu().numpy().ravel()
-        bounds = np.stack([lo_bound, hi_bound], axis=1)
         for _ in range(self.searches):
-            r = self._minimise(model, x, target, c, bounds)
+            r = self._minimise(model, x, target, torch.as_tensor(c, dtype=x.dtype).to(x.device))
             with torch.no_grad():
                 hit = (model(x + r).argmax(1) == target).cpu().numpy()
             norms = r.flatten(1).norm(dim=1).cpu().numpy()
@@ -262,32 +272,132 @@ class BoxLBFGS(Attack):
             )
         return best
 
-    def _minimise(
+    def _objective(
         self,
         model: nn.Module,
         x: torch.Tensor,
         target: torch.Tensor,
-        c: np.ndarray,
-        bounds: np.ndarray,
+        c: torch.Tensor,
+        r: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's objective and its gradient in r (rows of the flattened inputs)."""
+        r = r.detach().view_as(x).requires_grad_(True)
+        logits = model(x + r)
+        f = c * r.flatten(1).pow(2).sum(1) + F.cross_entropy(logits, target, reduction="none")
+        # The sum's gradient is every example's own gradient: the objectives share no terms.
+        (grad,) = torch.autograd.grad(f.sum(), r)
+        return f.detach(), grad.flatten(1)
+
+    def _minimise(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c: torch.Tensor
     ) -> torch.Tensor:
-        weight = torch.as_tensor(c, dtype=x.dtype, device=x.device)
+        """Every example's minimiser of its objective in the box, each found on its own."""
+        n, m = x.shape[0], self.memory
+        lo, hi = (self.lo - x).flatten(1), (self.hi - x).flatten(1)
+        r = torch.zeros_like(lo)
+        f, g = self._objective(model, x, target, c, r)
+        s_hist = torch.zeros(n, m, r.shape[1], dtype=r.dtype, device=r.device)
+        y_hist = torch.zeros_like(s_hist)
+        rho = torch.zeros(n, m, dtype=r.dtype, device=r.device)
+        iterations = torch.zeros(n, dtype=torch.long, device=r.device)
+        active = torch.ones(n, dtype=torch.bool, device=r.device)
+        while True:
+            projected = (r - g).clamp(lo, hi) - r
+            active &= (projected.abs().amax(1) > self.pgtol) & (iterations < self.spec.max_iter)
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            ri, gi = r[idx], g[idx]
+            held = ((ri <= lo[idx]) & (gi > 0)) | ((ri >= hi[idx]) & (gi < 0))
+            direction = -_two_loop(gi.masked_fill(held, 0), s_hist[idx], y_hist[idx], rho[idx])
+            direction = direction.masked_fill(held, 0)
+            # Without curvature pairs (or when they give no descent): steepest descent, a first
+            # step of unit length as in L-BFGS-B.
+            fresh = (rho[idx] == 0).all(1) | ((direction * gi).sum(1) >= 0)
+            steepest = gi.masked_fill(held, 0)
+            unit = steepest.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            direction = torch.where(fresh[:, None], -steepest / unit, direction)
+            moved, r_new, f_new, g_new = self._line_search(
+                model, x[idx], target[idx], c[idx], ri, f[idx], gi, direction
+            )
+            stalled = ~moved | (
+                (f[idx] - f_new)
+                <= self.ftol * torch.maximum(f[idx].abs(), f_new.abs()).clamp_min(1)
+            )
+            s_new, y_new = r_new - ri, g_new - gi
+            sy = (s_new * y_new).sum(1)
+            keep = moved & (sy > 1e-10 * (y_new * y_new).sum(1))
+            kept = idx[keep]
+            if kept.numel():
+                s_hist[kept] = torch.cat([s_hist[kept, 1:], s_new[keep, None]], dim=1)
+                y_hist[kept] = torch.cat([y_hist[kept, 1:], y_new[keep, None]], dim=1)
+                rho[kept] = torch.cat([rho[kept, 1:], (1 / sy[keep])[:, None]], dim=1)
+            r[idx], f[idx], g[idx] = r_new, f_new, g_new
+            iterations[idx] += 1
+            active[idx[stalled]] = False
+        return r.view_as(x)
 
-        def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
-            r = torch.from_numpy(flat).to(x.device, x.dtype).view_as(x).requires_grad_(True)
-            distortion = (weight * r.flatten(1).pow(2).sum(1)).sum()
-            loss = distortion + F.cross_entropy(model(x + r), target, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, r)
-            return float(loss.detach()), grad.detach().double().cpu().numpy().ravel()
+    def _line_search(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        c: torch.Tensor,
+        r: torch.Tensor,
+        f: torch.Tensor,
+        g: torch.Tensor,
+        direction: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backtracking along the projection arc, per example: (moved, r, f, g) after it.
 
-        solution = scipy_minimize(
-            objective,
-            np.zeros(x.numel()),
-            jac=True,
-            method="L-BFGS-B",
-            bounds=bounds,
-            options={"maxiter": self.spec.max_iter},
-        )
-        return torch.from_numpy(solution.x).to(x.device, x.dtype).view_as(x)
+        An example whose step never gives sufficient decrease stays where it is (moved False).
+        """
+        lo, hi = (self.lo - x).flatten(1), (self.hi - x).flatten(1)
+        k = r.shape[0]
+        alpha = torch.ones(k, dtype=r.dtype, device=r.device)
+        moved = torch.zeros(k, dtype=torch.bool, device=r.device)
+        r_new, f_new, g_new = r.clone(), f.clone(), g.clone()
+        pending = torch.ones(k, dtype=torch.bool, device=r.device)
+        for _ in range(self.max_backtracks):
+            p = pending.nonzero().squeeze(1)
+            if p.numel() == 0:
+                break
+            trial = (r[p] + alpha[p, None] * direction[p]).clamp(lo[p], hi[p])
+            f_trial, g_trial = self._objective(model, x[p], target[p], c[p], trial)
+            decrease = (g[p] * (trial - r[p])).sum(1)
+            ok = torch.isfinite(f_trial) & (f_trial <= f[p] + self.armijo * decrease)
+            ok &= decrease < 0
+            done = p[ok]
+            r_new[done], f_new[done], g_new[done] = trial[ok], f_trial[ok], g_trial[ok]
+            moved[done] = True
+            pending[done] = False
+            alpha[p[~ok]] *= 0.5
+        return moved, r_new, f_new, g_new
+
+
+def _two_loop(
+    g: torch.Tensor, s_hist: torch.Tensor, y_hist: torch.Tensor, rho: torch.Tensor
+) -> torch.Tensor:
+    """H·g per example by the L-BFGS two-loop recursion (Nocedal & Wright, Algorithm 7.4).
+
+    Pairs are stored oldest first; an empty slot has ρ = 0 and adds nothing, so examples
+    with different numbers of pairs share one batched computation.
+    """
+    m = rho.shape[1]
+    q = g.clone()
+    alphas = []
+    for i in reversed(range(m)):
+        a = rho[:, i] * (s_hist[:, i] * q).sum(1)
+        q -= a[:, None] * y_hist[:, i]
+        alphas.append(a)
+    sy = (s_hist[:, -1] * y_hist[:, -1]).sum(1)
+    yy = (y_hist[:, -1] * y_hist[:, -1]).sum(1)
+    gamma = torch.where(yy > 0, sy / yy.clamp_min(1e-30), torch.ones_like(yy))
+    z = gamma[:, None] * q
+    for i in range(m):
+        b = rho[:, i] * (y_hist[:, i] * z).sum(1)
+        z += (alphas[m - 1 - i] - b)[:, None] * s_hist[:, i]
+    return z
 
 
 def build_attack(spec: AttackSpec, input_range: tuple[float, float], seed: int) -> Attack:

@@ -206,7 +206,12 @@ class AuditSession:
         return self._clean
 
     def attack_result(self, attack_id: str) -> AttackResult:
-        """The attack on the unfiltered network: accuracy, success rate and distortion."""
+        """The attack on the unfiltered network: accuracy, success rate and distortion.
+
+        Distortion is averaged over the successful examples (correct before the attack, wrong
+        after it), as Szegedy et al. report it: an attack that leaves an example unchanged or
+        perturbs one it cannot flip does not make its typical distortion look smaller.
+        """
         if attack_id not in self._attacks:
             t0 = time.perf_counter()
             p = self.prepared
@@ -228,8 +233,9 @@ class AuditSession:
                         adv_ok = model(x_adv).argmax(1) == yb
                     correct += int(adv_ok.sum())
                     clean_correct += int(clean_ok.sum())
-                    flipped += int((clean_ok & ~adv_ok).sum())
-                    diff = (x_adv - xb).flatten(1).double()
+                    success = clean_ok & ~adv_ok
+                    flipped += int(success.sum())
+                    diff = (x_adv - xb)[success].flatten(1).double()
                     rms.append(diff.pow(2).mean(1).sqrt().cpu())
                     linf.append(diff.abs().amax(1).cpu())
                     l2.append(diff.norm(dim=1).cpu())
@@ -242,7 +248,9 @@ class AuditSession:
                 success_rate=flipped / clean_correct if clean_correct else 0.0,
                 distortion_rms=float(torch.cat(rms).mean()),
                 distortion_linf=float(torch.cat(linf).mean()),
-                distortion_l2=float(torch.cat(l2).mean()),
+                distortion_l2=float(torch.cat(l2).mean()),  # NaN when nothing succeeded
+                successes=flipped,
+                distortion_over="successful",
             )
             verify_unchanged(p.loaded.module, p.digest, f"attack {attack_id}")
             self.timings[f"attack {attack_id}"] = time.perf_counter() - t0

@@ -425,6 +425,9 @@ def _attack_rows(model: ModelResult) -> list[dict[str, str]]:
             "params": ", ".join(f"{k}={fmt_meta(v)}" for k, v in a.params.items()),
             "accuracy": fmt_pct(a.accuracy),
             "success_rate": fmt_pct(a.success_rate),
+            "successes": fmt_num(a.successes),
+            # Results written before distortion was averaged over successful examples only.
+            "over_all": "" if a.distortion_over == "successful" else "yes",
             "rms": fmt_num(a.distortion_rms),
             "linf": fmt_num(a.distortion_linf),
             "l2": fmt_num(a.distortion_l2),

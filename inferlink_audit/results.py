@@ -24,7 +24,14 @@ RESPONSES: tuple[str, ...] = ("clean", "adversarial")
 
 @dataclass(frozen=True)
 class AttackResult:
-    """One attack on the unfiltered network."""
+    """One attack on the unfiltered network.
+
+    ``successes`` counts the examples the network classified correctly and the attack made it
+    misclassify; ``success_rate`` is their share of the correctly classified ones. Distortion
+    (rms, L∞, L2 of x′ − x) is averaged over ``distortion_over``: "successful" (those
+    ``successes`` examples, as Szegedy et al. report it; NaN when there are none) in results
+    written by this version, "all" (every example) in older files.
+    """
 
     id: str
     kind: str
@@ -34,6 +41,8 @@ class AttackResult:
     distortion_rms: float
     distortion_linf: float
     distortion_l2: float = 0.0
+    successes: int | None = None  # None in files written before it was recorded
+    distortion_over: str = "all"
 
 
 @dataclass(frozen=True)
