@@ -99,6 +99,7 @@ class LipschitzResult:
     network_upper_bound: float | None  # None when some operation has no known bound
     note: str = ""  # why the network bound is unavailable, or how it was composed
     tolerance: float = 1e-8  # relative tolerance of the iterative operator norms
+    reason: str = ""  # why the network bound is unavailable, naming the node; "" when it is not
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                     network_upper_bound=lip["network_upper_bound"],
                     note=lip.get("note", ""),
                     tolerance=lip.get("tolerance", 1e-8),
+                    reason=lip.get("reason", ""),
                 ),
                 remediation=m.get("remediation"),
                 checks=[CheckResult(**c) for c in m["checks"]],
