@@ -210,8 +210,18 @@ def _refuse_overwriting_inputs(spec: AuditSpec, out: Path) -> None:
             )
 
 
+def _yaml_scalar(value: str) -> str:
+    """``value`` as one line of YAML that reads back as the same string, whatever it holds
+    (``torchvision: resnet18``, ``#``, quotes, spaces, non-ASCII letters)."""
+    import yaml
+
+    dumped = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=2**31)
+    return dumped.removesuffix("\n...\n").rstrip("\n")
+
+
 def _init(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
+    from .spec_loader import parse_spec
 
     if args.path.exists() and not args.force:
         raise AuditError(
@@ -219,11 +229,14 @@ def _init(args: argparse.Namespace) -> int:
         )
     if args.path.is_dir():
         raise OutputError(f"{args.path} is a folder; give the path of the spec file to write.")
+    text = STARTER_SPEC.format(
+        name=_yaml_scalar(args.name),
+        factory=_yaml_scalar(args.factory),
+        checkpoint=_yaml_scalar(args.checkpoint),
+    )
+    parse_spec(text, path=args.path)  # a value the spec refuses is reported, and nothing written
     try:
-        atomic_write_text(
-            args.path,
-            STARTER_SPEC.format(name=args.name, factory=args.factory, checkpoint=args.checkpoint),
-        )
+        atomic_write_text(args.path, text)
     except OSError as exc:
         raise OutputError(
             f"cannot write {args.path} ({exc.strerror or exc}); choose another path."

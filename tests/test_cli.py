@@ -6,8 +6,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
+import yaml
+from scipy.integrate import simpson
 
 from inferlink_audit.cli import main
 from inferlink_audit.fileio import sha256_file
@@ -15,28 +20,134 @@ from inferlink_audit.results import read_results
 
 from .specs import EXAMPLES, write_spec
 
+CHECKPOINT = EXAMPLES / "digits_cnn.safetensors"
+TOLERANCE = 0.05  # filtering.tolerance, left at its default by write_spec
 
-def test_passing_audit_exits_0_and_writes_results_and_report(tmp_path, capsys):
-    spec = write_spec(tmp_path, checks={"min_clean_accuracy": 0.9, "max_fragile_fraction": 1.0})
-    before = sha256_file(EXAMPLES / "digits_cnn.safetensors")
+
+def digits_accuracy_by_hand(limit: int) -> float:
+    """The digits CNN's accuracy on the first ``limit`` test digits, from sklearn and torch
+    alone: the split the data docs give, ``images / 16``, normalised by mean 0.5, std 0.5."""
+    from safetensors.torch import load_file
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from example_audits.digits import DigitsCNN
+
+    digits = load_digits()
+    _, test = train_test_split(
+        np.arange(len(digits.target)), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    index = np.sort(test)[:limit]
+    x = torch.from_numpy((digits.images[index] / 16.0).astype(np.float32)).unsqueeze(1)
+    model = DigitsCNN(num_classes=10)
+    model.load_state_dict(load_file(CHECKPOINT))
+    with torch.no_grad():
+        predicted = model.eval()((x - 0.5) / 0.5).argmax(1).numpy()
+    return float(np.mean(predicted == digits.target[index]))
+
+
+def fragile_fractions_by_hand(model: dict[str, Any]) -> dict[str, float]:
+    """Per filter, the adversarial fragile fraction recomputed from results.json's raw curves:
+    labels from scipy's Simpson rule on r = ψa/ψa⁰ against b = 1 − ρ, sizes from the checkpoint."""
+    from safetensors.torch import load_file
+
+    sizes = {k: v.numel() for k, v in load_file(CHECKPOINT).items()}
+    (attack,) = model["attacks"]
+    fragile: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for sweep in model["sweeps"]:
+        if sweep["scope"] != "local":
+            continue
+        assert sweep["adversarial_normalised_by"] == "adversarial"
+        size = sizes[sweep["layer"] + ".weight"]
+        assert sweep["numel"] == size
+        response = np.array(sweep["adversarial_accuracy"]) / attack["accuracy"]
+        x = np.linspace(0.0, 1.0, len(response))
+        phi = simpson(response - (1.0 - np.array(sweep["removed_fraction"])), x=x)
+        gain = simpson(np.maximum(0.0, response - 1.0), x=x)
+        is_fragile = bool(gain <= TOLERANCE and phi < -TOLERANCE)
+        fragile[sweep["filter"]] = fragile.get(sweep["filter"], 0) + (size if is_fragile else 0)
+        total[sweep["filter"]] = total.get(sweep["filter"], 0) + size
+    return {name: fragile[name] / total[name] for name in total}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run whose limit of 0 every fragile layer exceeds: the fractions it measures, and
+    the same fractions recomputed by hand, place the limits of the tests below."""
+    folder = tmp_path_factory.mktemp("measure")
+    spec = write_spec(folder, checks={"max_fragile_fraction": 0.0})
+    code = main(["run", str(spec), "--out", str(folder / "out"), "--quiet"])
+    data = json.loads((folder / "out" / "results.json").read_text())
+    (model,) = data["models"]
+    by_hand = fragile_fractions_by_hand(model)
+    # Half the smallest layer's share of the analysed weights: a count off by any one layer
+    # lands on the other side of a limit placed this far from the measured fraction.
+    sizes = [
+        s["numel"] for s in model["sweeps"] if s["scope"] == "local" and s["filter"] == "pulse"
+    ]
+    margin = min(sizes) / sum(sizes) / 2
+    return {"code": code, "model": model, "by_hand": by_hand, "margin": margin}
+
+
+def test_fragile_fraction_check_measures_the_fraction_the_curves_give(measured):
+    by_hand = measured["by_hand"]
+    assert sorted(by_hand) == ["high_pass", "low_pass", "pulse"]
+    assert max(by_hand.values()) > 0, (
+        "no filter finds a fragile layer: the limits below say nothing"
+    )
+    checks = {c["id"]: c for c in measured["model"]["checks"]}
+    for name, fraction in by_hand.items():
+        check = checks[f"{name}-fgsm_eps0.1-max_fragile_fraction"]
+        assert check["measured"] == pytest.approx(fraction, abs=1e-12)
+        assert check["passed"] is (fraction == 0.0)
+    assert measured["code"] == 1
+
+
+def test_passing_audit_exits_0_and_writes_results_and_report(tmp_path, capsys, measured):
+    limit = max(measured["by_hand"].values()) + measured["margin"]
+    spec = write_spec(
+        tmp_path, checks={"min_clean_accuracy": 0.9, "max_fragile_fraction": float(limit)}
+    )
+    before = sha256_file(CHECKPOINT)
     assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "verdict: PASS" in out and "report:" in out
     result = read_results(tmp_path / "out" / "results.json")
     model = result.models[0]
-    assert 0.9 <= model.clean_accuracy <= 1.0 and model.n_examples == 120
+    assert model.n_examples == 120
+    assert model.clean_accuracy == pytest.approx(digits_accuracy_by_hand(120), abs=1e-12)
     # 4 layers local + global, 3 filters, 1 attack; 5 thresholds each
     assert len(model.sweeps) == 15
     assert all(len(s.clean_accuracy) == 5 for s in model.sweeps)
-    assert {c.id for c in model.checks} == {
-        "min_clean_accuracy",
-        "low_pass-fgsm_eps0.1-max_fragile_fraction",
-        "high_pass-fgsm_eps0.1-max_fragile_fraction",
-        "pulse-fgsm_eps0.1-max_fragile_fraction",
+    assert {c.id: c.passed for c in model.checks} == {
+        "min_clean_accuracy": True,
+        "low_pass-fgsm_eps0.1-max_fragile_fraction": True,
+        "high_pass-fgsm_eps0.1-max_fragile_fraction": True,
+        "pulse-fgsm_eps0.1-max_fragile_fraction": True,
     }
     assert (tmp_path / "out" / "report.html").stat().st_size > 1000
-    assert sha256_file(EXAMPLES / "digits_cnn.safetensors") == before
+    assert sha256_file(CHECKPOINT) == before
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_a_fragile_fraction_just_over_the_limit_exits_1_naming_the_filter(
+    tmp_path, capsys, measured
+):
+    worst = max(measured["by_hand"].values())
+    limit = worst - measured["margin"]
+    spec = write_spec(tmp_path, checks={"max_fragile_fraction": float(limit)})
+    assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    failing = sorted(n for n, f in measured["by_hand"].items() if f > limit)
+    assert failing == sorted(n for n, f in measured["by_hand"].items() if f == worst)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    verdicts = {c["id"]: c["passed"] for c in data["models"][0]["checks"]}
+    assert verdicts == {
+        f"{n}-fgsm_eps0.1-max_fragile_fraction": n not in failing for n in measured["by_hand"]
+    }
+    for name in failing:
+        assert f"FAIL {name}-fgsm_eps0.1-max_fragile_fraction: fragile fraction" in out
 
 
 def test_failing_check_exits_1_and_names_the_measurement(tmp_path, capsys):
@@ -90,6 +201,44 @@ def test_init_writes_a_spec_that_loads_and_refuses_to_overwrite(tmp_path, capsys
     assert load_spec(target).name == "net"
     assert main(["init", str(target)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("factory", "checkpoint"),
+    [
+        ("torchvision: resnet18", "weights dir/ünïcode — модель: v1.safetensors"),
+        ("nets.py:Net", 'ckpt #1/it\'s "best" [v2].pt'),
+        ("torchscript: my model.pt", "{weights}: 100%.ckpt"),
+    ],
+    ids=["torchvision-unicode", "quotes-hash", "torchscript-braces"],
+)
+def test_init_writes_the_given_factory_and_checkpoint_so_they_load_back(
+    tmp_path, capsys, factory, checkpoint
+):
+    from inferlink_audit.spec_loader import load_spec
+
+    target = tmp_path / "spéc dir" / "audit: ü.yaml"
+    target.parent.mkdir()
+    argv = ["init", str(target), "--name", "net", "--factory", factory, "--checkpoint", checkpoint]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert yaml.safe_load(target.read_text(encoding="utf-8"))["model"] == {
+        "factory": factory,
+        "kwargs": {},
+        "checkpoint": checkpoint,
+    }
+    spec = load_spec(target)
+    assert (spec.name, spec.model.factory) == ("net", factory)
+    assert spec.model.checkpoint == target.parent / checkpoint  # next to the spec
+
+
+def test_init_refuses_a_factory_the_spec_would_refuse_and_writes_nothing(tmp_path, capsys):
+    target = tmp_path / "audit.yaml"
+    assert main(["init", str(target), "--factory", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"inferlink-audit: error: {target}:5: model.factory: factory 'resnet18'")
+    assert "Traceback" not in err
+    assert not target.exists()
 
 
 def test_merge_combines_runs(tmp_path):
