@@ -128,6 +128,11 @@ def filtered_tensor(layer: str, module: nn.Module, name: str) -> tuple[str, torc
     return name, value
 
 
+def _has_own_parameters(module: nn.Module) -> bool:
+    # ``any(module.parameters())`` would ask a tensor for its truth value.
+    return next(module.parameters(recurse=False), None) is not None
+
+
 def select_layers(model: nn.Module, selection: LayerSelectionSpec) -> list[AnalysedLayer]:
     """The analysed layers, in module order: type matches, name included and not excluded."""
     layers = []
@@ -150,7 +155,7 @@ def select_layers(model: nn.Module, selection: LayerSelectionSpec) -> list[Analy
                 for n, m in model.named_modules()
                 if n
                 and not isinstance(m, parametrize.ParametrizationList)
-                and (parametrize.is_parametrized(m) or any(m.parameters(recurse=False)))
+                and (parametrize.is_parametrized(m) or _has_own_parameters(m))
             }
         )
         raise AuditError(
