@@ -447,7 +447,7 @@ class _Unbounded(Exception):
 
 def _source(node: fx.Node) -> tuple[str, str, str] | None:
     """(file, line, code) of the node in the model's source, when the trace recorded it."""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', node.stack_trace or "")
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]+\n\s*(.*)', node.stack_trace or "")
     torch_dir = os.path.dirname(torch.__file__)
     user = [frame for frame in frames if not frame[0].startswith(torch_dir)]
     return user[-1] if user else None
@@ -639,6 +639,12 @@ class _Bounder(fx.Interpreter):
             return factor * self._only_first(n, live)
         if key in SELECTION_FUNCTIONS or (isinstance(key, str) and key in SELECTION_METHODS):
             return self._selection(n, key, args, kwargs, live)
+        if key is F.pad:
+            # Padding adds constants and, in the reflect, replicate and circular modes, copies.
+            named = _named(key, args, kwargs)
+            if named.get("mode", "constant") == "constant":
+                named["value"] = -1.0
+            return self._selection(n, F.pad, (), named, live)
         if key in ADDITIONS or key in SUBTRACTIONS or key in REVERSED_SUBTRACTIONS:
             return self._sum(n, key, args, kwargs, result)
         if key in PRODUCTS or key in QUOTIENTS:
@@ -704,7 +710,7 @@ class _Bounder(fx.Interpreter):
         live: list[fx.Node],
     ) -> float:
         first = self._only_first(n, live, shape_args=key in SHAPE_ONLY_METHODS)
-        x = args[0]
+        x = args[0] if args else kwargs.pop("input")
         if not isinstance(x, torch.Tensor):
             # An element of a tuple of tensors (the parts of a split, a module's outputs):
             # the whole tuple's bound covers each part.
@@ -718,6 +724,7 @@ class _Bounder(fx.Interpreter):
             assert callable(key)
             copied = key(index, *args[1:], **kwargs)
         picks = [t.reshape(-1).long() for t in _tensors(copied)]
+        picks = [p[p >= 0] for p in picks]  # -1: a constant that padding added
         if sum(p.numel() for p in picks) == 0:
             return 0.0
         counts = torch.bincount(torch.cat(picks), minlength=x.numel())

@@ -345,3 +345,20 @@ def test_network_bound_is_at_least_the_jacobian_norm_on_random_networks(seed):
     lower = _jacobian_lower_bound(net, (2, 8, 8), inputs=8)
     bound = _network_bound(net, (2, 8, 8))
     assert bound >= lower
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular", "replicate"])
+def test_padding_modes_are_bounded_as_applied(mode):
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=mode), nn.ReLU(), nn.Flatten())
+    conv = net[0]
+
+    def apply(x):
+        return conv._conv_forward(x, conv.weight.detach().double(), None)
+
+    exact = float(torch.linalg.matrix_norm(_dense(apply, (2, 5, 5)), ord=2))
+    result = lipschitz_bounds(net, torch.rand(1, 2, 5, 5), layers=["0"])
+    assert result.layers[0].upper_bound == pytest.approx(exact, rel=1e-7)
+    assert result.layers[0].upper_bound >= exact
+    assert result.network_upper_bound is not None
+    assert result.network_upper_bound >= _jacobian_lower_bound(net, (2, 5, 5))
