@@ -176,6 +176,21 @@ def test_spec_error_exits_2_with_file_line_and_no_traceback(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_device_option_runs_a_spec_whose_device_is_missing_on_the_cpu(tmp_path, capsys):
+    spec = write_spec(
+        tmp_path,
+        device="cuda:97",  # on no machine this suite runs on
+        filtering={"thresholds": 3, "filters": ["pulse"], "scopes": ["global"]},
+    )
+    assert main(["run", str(spec), "--out", str(tmp_path / "alone"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"inferlink-audit: error: {spec}:") and "device 'cuda:97'" in err
+    assert not (tmp_path / "alone").exists()
+    out = tmp_path / "cpu"
+    assert main(["run", str(spec), "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((out / "results.json").read_text())["meta"]["device"] == "cpu"
+
+
 def test_missing_spec_exits_2(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "no such audit spec" in capsys.readouterr().err
