@@ -362,3 +362,51 @@ def test_padding_modes_are_bounded_as_applied(mode):
     assert result.layers[0].upper_bound >= exact
     assert result.network_upper_bound is not None
     assert result.network_upper_bound >= _jacobian_lower_bound(net, (2, 5, 5))
+
+
+class _Shapes(nn.Module):
+    """A one-unit linear layer whose output is broadcast, or returned next to another."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.mode = mode
+        self.fc = nn.Linear(4, 1)
+        self.register_buffer("offsets", torch.arange(9.0).view(1, 9))
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.mode == "broadcast_add":
+            return h + self.offsets  # h is copied into nine outputs
+        if self.mode == "broadcast_mul":
+            return h * torch.ones(1, 9)
+        return h, h  # a tuple of outputs
+
+
+@pytest.mark.parametrize("mode", ["broadcast_add", "broadcast_mul", "tuple_output"])
+def test_broadcast_copies_and_every_output_count(mode):
+    net = _Shapes(mode)
+    sigma = float(torch.linalg.matrix_norm(net.fc.weight.detach().double(), ord=2))
+
+    def flat(x):
+        out = net.double()(x)
+        return torch.cat([o.flatten() for o in out]) if isinstance(out, tuple) else out
+
+    x = torch.rand(1, 4, dtype=torch.float64)
+    exact = float(
+        torch.linalg.matrix_norm(torch.autograd.functional.jacobian(flat, x).reshape(-1, 4), ord=2)
+    )
+    assert exact == pytest.approx(3 * sigma if mode != "tuple_output" else math.sqrt(2) * sigma)
+    bound = _network_bound(net.float(), (4,))
+    assert bound >= exact
+    assert bound == pytest.approx(exact, rel=1e-6)
+
+
+def test_dropout_in_training_mode_makes_the_bound_unavailable():
+    """Dropout scales what it keeps by 1 / (1 − p) and is random: the graph run once is not
+    the network, so no number is given."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(6, 64), nn.Dropout(0.5)).train()  # masks differ
+    result = lipschitz_bounds(net, torch.rand(1, 6), layers=["0"])
+    assert result.network_upper_bound is None
+    assert "computes a different output than the model" in result.reason
