@@ -8,7 +8,8 @@ of the weight the forward pass uses:
 * ``torch.nn.utils.parametrizations.weight_norm`` (``parametrizations.weight.original1``) and
   the hook-based ``torch.nn.utils.weight_norm`` (``weight_v``): the direction v, with
   w = g·v/‖v‖ per output slice. The slice's other entries are rescaled so that it keeps its
-  norm |g|; a slice whose v is zeroed entirely has no defined weight (0/0, NaN outputs).
+  norm |g|; a slice whose v is zeroed entirely has no defined weight (0/0: its outputs are
+  NaN), which is what that network computes.
 * ``torch.nn.utils.parametrizations.spectral_norm`` (``parametrizations.weight.original``) and
   the hook-based ``torch.nn.utils.spectral_norm`` (``weight_orig``): the unnormalised weight
   W, with w = W/σ(W) and σ recomputed from the stored singular vectors u, v (eval mode), so

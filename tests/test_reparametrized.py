@@ -155,6 +155,18 @@ def test_parametrized_types_match_the_class_before_parametrization() -> None:
     assert only_linear[0].parameters[0] is model.fc.parametrizations.weight.original1
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_scripted_modules_match_their_original_class() -> None:
+    """A TorchScript module's type is ``RecursiveScriptModule``; its ``original_name`` is what
+    the user wrote (``Conv2d``), so default types select it as in the eager model."""
+    torch.manual_seed(0)
+    scripted = torch.jit.script(TinyCNN().eval())
+    layers = select_layers(scripted, LayerSelectionSpec())
+    params = dict(scripted.named_parameters())
+    assert [(la.name, la.type) for la in layers] == [("conv", "Conv2d"), ("fc", "Linear")]
+    assert all(la.parameters[0] is params[f"{la.name}.weight"] for la in layers)
+
+
 def _expected_refusal(layer: str, what: str, fix: str) -> str:
     return (
         f"filtering.layers selects {layer}.weight, which {what}: zeroing it would not change "
