@@ -223,8 +223,11 @@ def _max_lipschitz_upper_bound(planned: PlannedCheck, m: Measurements) -> CheckR
     lipschitz, limit = m.lipschitz, planned.limit
     bound = lipschitz.network_upper_bound
     if bound is None or math.isnan(bound):
-        reason = lipschitz.note or "network bound unavailable (no reason recorded)"
-        return _result(planned, math.inf, False, f"{reason}; cannot assert max {limit:.4g}")
+        # ``reason`` names the operation without a bound where the spectral analysis gives it.
+        reason = getattr(lipschitz, "reason", "")
+        why = f"network Lipschitz bound unavailable: {reason}" if reason else lipschitz.note
+        why = why or "network Lipschitz bound unavailable (no reason recorded)"
+        return _result(planned, math.inf, False, f"{why}; cannot assert max {limit:.4g}")
     passed = bound <= limit
     worst = sorted(lipschitz.layers, key=lambda layer: -layer.upper_bound)[:3]
     detail = (

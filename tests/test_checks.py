@@ -7,6 +7,7 @@ themselves, so a check that reads the wrong model, sweep or score cannot pass.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -298,7 +299,8 @@ def test_an_unavailable_lipschitz_bound_fails_with_its_reason(tmp_path: Path) ->
     assert lipschitz_result is not None and lipschitz_result.network_upper_bound is None
     lipschitz = check(result, "max_lipschitz_upper_bound")
     assert not lipschitz.passed and math.isinf(lipschitz.measured)
-    assert lipschitz_result.note and lipschitz_result.note in lipschitz.detail
+    reason = getattr(lipschitz_result, "reason", "") or lipschitz_result.note
+    assert reason and reason in lipschitz.detail
     assert lipschitz.detail.endswith("cannot assert max 1e+30")
     assert not result.passed
 
@@ -307,3 +309,57 @@ def test_every_check_a_spec_can_ask_for_has_an_evaluator() -> None:
     planned_kinds = {*MODEL_CHECKS, *ATTACK_CHECKS, *SWEEP_CHECKS, *MEASUREMENTS}
     assert set(EVALUATORS) == planned_kinds
     assert set(ChecksSpec.model_fields) <= set(EVALUATORS)
+
+
+# --------------------------------------------------------------------------- import direction
+def _imports(folder: Path, package: str) -> dict[str, set[str]]:
+    """Each module of a package and the package's modules it imports: at the top, inside a
+    function, or under ``TYPE_CHECKING`` alike (a lazy import still ties the two together)."""
+    edges: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.startswith(f"{package}."):
+                    found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found.update(
+                    a.name.split(".")[1] for a in node.names if a.name.startswith(f"{package}.")
+                )
+        edges[path.stem] = found - {path.stem}
+    return edges
+
+
+def _a_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    def walk(path: list[str]) -> list[str] | None:
+        for dep in sorted(edges.get(path[-1], ())):
+            if dep in path:
+                return [*path[path.index(dep) :], dep]
+            found = walk([*path, dep])
+            if found:
+                return found
+        return None
+
+    for start in sorted(edges):
+        cycle = walk([start])
+        if cycle:
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize(
+    ("folder", "package"),
+    [
+        ("inferlink_audit", "inferlink_audit"),
+        ("pytest_plugin/pytest_inferlink", "pytest_inferlink"),
+    ],
+)
+def test_modules_import_one_way(repo_root: Path, folder: str, package: str) -> None:
+    edges = _imports(repo_root / folder, package)
+    assert {"checks", "compare"} <= set(edges) or {"items", "runner", "stash"} <= set(edges)
+    assert _a_cycle(edges) is None

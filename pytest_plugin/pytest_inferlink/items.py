@@ -17,7 +17,7 @@ import pytest
 
 from inferlink_audit.errors import AuditError
 
-from .stash import PLUGIN_KEY
+from .stash import PAYLOAD_KEY, PLUGIN_KEY
 
 if TYPE_CHECKING:
     from _pytest._code.code import TerminalRepr
@@ -26,12 +26,9 @@ if TYPE_CHECKING:
     from inferlink_audit.results import CheckResult
     from inferlink_audit.spec import AuditSpec
 
-__all__ = ["MARKER", "PAYLOAD_KEY", "CheckFailed", "CheckItem", "SpecFile"]
+__all__ = ["MARKER", "CheckFailed", "CheckItem", "SpecFile"]
 
 MARKER = "inferlink"
-
-# What an item measured, as JSON, until ``pytest_runtest_makereport`` moves it onto the report.
-PAYLOAD_KEY = pytest.StashKey[str]()
 
 
 class CheckFailed(Exception):

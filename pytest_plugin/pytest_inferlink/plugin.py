@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .items import MARKER
+from .items import MARKER, SpecFile
 from .runner import AuditPlugin
 from .stash import PLUGIN_KEY
 
@@ -162,6 +162,14 @@ def pytest_configure(config: pytest.Config) -> None:
         from .scheduling import XdistHooks
 
         config.pluginmanager.register(XdistHooks(specs), _XDIST_PLUGIN_NAME)
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> SpecFile | None:
+    """A configured spec becomes a ``SpecFile``; this module joins ``items`` and ``runner``."""
+    plugin = parent.config.stash.get(PLUGIN_KEY, None)
+    if plugin is None or not plugin.is_spec(file_path):
+        return None
+    return SpecFile.from_parent(parent, path=file_path)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

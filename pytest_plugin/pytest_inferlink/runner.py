@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .stash import SESSIONS_KEY
+from .stash import PAYLOAD_KEY, SESSIONS_KEY
 
 if TYPE_CHECKING:
     from inferlink_audit.audit import AuditSession
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from inferlink_audit.spec import AuditSpec
 
     from .assemble import SpecStats
-    from .items import SpecFile
 
 __all__ = ["REPORT_ATTR", "STEP_SUMMARY_ENV", "AuditPlugin"]
 
@@ -38,7 +37,11 @@ CACHE_FOLDER = "inferlink-audit"
 
 
 class AuditPlugin:
-    """Registered while specs are configured; one per pytest process (controller or worker)."""
+    """Registered while specs are configured; one per pytest process (controller or worker).
+
+    It is the ``AuditHost`` that spec files and items find in ``config.stash``; the spec files
+    themselves are collected by the entry point, so this module never imports ``items``.
+    """
 
     def __init__(
         self, config: pytest.Config, specs: list[Path], *, report_dir: Path, device: str | None
@@ -73,17 +76,12 @@ class AuditPlugin:
                 return index
         return len(self.specs)
 
-    def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> SpecFile | None:
+    def is_spec(self, path: Path) -> bool:
         # Any file named on the command line is a spec; resolving (for symlinked folders) is
         # worth its system call only for files that look like one.
-        configured = file_path in self._spec_set or (
-            file_path.suffix in (".yaml", ".yml") and file_path.resolve() in self._spec_set
+        return path in self._spec_set or (
+            path.suffix in (".yaml", ".yml") and path.resolve() in self._spec_set
         )
-        if not configured:
-            return None
-        from .items import SpecFile
-
-        return SpecFile.from_parent(parent, path=file_path)
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed and report.nodeid.endswith((".yaml", ".yml")):
@@ -140,8 +138,6 @@ class AuditPlugin:
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
         if call.when == "call":
-            from .items import PAYLOAD_KEY
-
             payload = item.stash.get(PAYLOAD_KEY, None)
             if payload is not None:
                 setattr(report, REPORT_ATTR, payload)
