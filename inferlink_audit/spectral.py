@@ -425,7 +425,7 @@ def lipschitz_bounds(
         if input_scale != 1.0:
             note += f", times {input_scale:.4g} for the input normalisation"
     if missing:
-        note += "; no bound for layer " + ", ".join(
+        note += "; no per-layer bound: " + "; ".join(
             module_bound.reasons.get(name, name) for name in missing
         )
     return LipschitzResult(
@@ -553,7 +553,14 @@ class _Bounder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         result = super().run_node(n)
-        self.bound[n] = self._bound(n, args, kwargs, result)
+        try:
+            self.bound[n] = self._bound(n, args, kwargs, result)
+        except _Unbounded:
+            raise
+        except Exception as exc:  # a rule that does not fit this call: no number, the node named
+            raise self._fail(
+                n, f"its bound could not be computed ({type(exc).__name__}: {exc})"
+            ) from exc
         return result
 
     def _fail(self, n: fx.Node, why: str, *, named: bool = False) -> _Unbounded:

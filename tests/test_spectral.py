@@ -313,7 +313,7 @@ def test_a_module_without_a_known_bound_is_named_in_the_reason():
     assert result.reason.startswith("no Lipschitz bound is known for module 1 (LayerNorm)")
     assert "leave max_lipschitz_upper_bound out of the spec" in result.reason
     assert [layer.layer for layer in result.layers] == ["0", "2"]
-    assert "no bound for layer no Lipschitz bound is known for module 1" in result.note
+    assert "no per-layer bound: no Lipschitz bound is known for module 1 (LayerNorm)" in result.note
 
 
 class _RandomNet(nn.Module):
