@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from pytest_inferlink.plugin import OPTION_AUDIT
 from safetensors.torch import load_file, save_file
 
 from inferlink_audit.audit import run_audit
@@ -32,6 +33,8 @@ from inferlink_audit.spec import ChecksSpec
 from inferlink_audit.spec_loader import load_spec
 
 from .specs import EXAMPLES, digits_spec, write_spec
+
+pytest_plugins = ["pytester"]
 
 FILTER, ATTACK = "low_pass", "fgsm_eps0.1"
 FILTERING = {"thresholds": 5, "filters": [FILTER], "scopes": ["local", "global"]}
@@ -215,6 +218,30 @@ def test_a_release_of_other_models_only_is_an_error_naming_both_files_and_the_mo
     assert "no model named 'digits-small'" in message
     assert "'digits-large', 'digits-tiny'" in message
     assert "\n" not in message
+
+
+def test_the_missing_model_error_is_the_failing_items_whole_message(
+    pytester: pytest.Pytester, folder: Path, released: AuditResult
+) -> None:
+    def renamed(data: dict[str, Any]) -> None:
+        data["models"][0]["name"] = "digits-large"
+
+    baseline = edited_release(folder, "renamed.json", renamed)
+    spec_path = write_spec(pytester.path, filtering=FILTERING, checks=REGRESSION, baseline=baseline)
+    line = next(
+        n
+        for n, text in enumerate(spec_path.read_text().splitlines(), 1)
+        if text.startswith("baseline:")
+    )
+    result = pytester.runpytest_inprocess(OPTION_AUDIT, str(spec_path), "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    message = (
+        f"{spec_path}:{line}: baseline: {baseline} holds no model named 'digits-small' "
+        "(it holds 'digits-large');"
+    )
+    failures = [text for text in result.outlines if text.startswith(message)]
+    assert len(failures) == 2  # one per regression item, each the whole failure text
+    assert "Traceback" not in result.stdout.str()
 
 
 def test_the_spec_model_is_found_among_several_in_the_release(
