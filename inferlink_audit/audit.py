@@ -450,9 +450,14 @@ class AuditSession:
             if "global" in filtering.scopes:
                 scopes.append(("global", None, p.layers))
             for scope, layer_name, layers in scopes:
-                tensors = [t for layer in layers for t in layer.parameters]
+                # A tensor tied into several layers is one tensor of the scope, counted once.
+                tensors = list({id(t): t for layer in layers for t in layer.parameters}.values())
                 where = f"{filter_name} {attack_id} {layer_name or 'global'}"
-                focus = evaluator.focus(layer_name) if layer_name is not None else nullcontext()
+                focus = (
+                    evaluator.focus(layer_name, tensors)
+                    if layer_name is not None
+                    else nullcontext()
+                )
                 with focus:
                     curves = sweep_scope(
                         tensors,

@@ -6,11 +6,14 @@ as ``scipy.integrate.simpson`` computes it (the reference notebooks' ``rob_value
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
 from scipy.integrate import simpson
+from torch import nn
 
 from .results import Label, Labels, Scores, SweepResult
 
@@ -96,13 +99,64 @@ def score_curves(
     )
 
 
-def fragile_fraction(local_sweeps: Sequence[SweepResult], response: str) -> tuple[float, list[str]]:
+class ScopeLayer(Protocol):
+    """What ``scope_members`` reads of an analysed layer (``layers.AnalysedLayer``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parameters(self) -> Sequence[torch.Tensor]: ...
+
+
+Members = Mapping[str, Sequence[tuple[str, int]]]  # layer -> (tensor name, numel) of its scope
+
+
+def scope_members(
+    model: nn.Module, layers: Iterable[ScopeLayer]
+) -> dict[str, list[tuple[str, int]]]:
+    """Each analysed layer's scope as (tensor name, numel) pairs, for ``fragile_fraction``.
+
+    A tensor is named by its first name in ``model`` (``named_parameters`` order), so a weight
+    tied into several layers has one name wherever it appears and is counted once.
+    """
+    names: dict[int, str] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names.setdefault(id(tensor), name)
+    return {
+        layer.name: [
+            (names.get(id(t), f"{layer.name}[{i}]"), t.numel())
+            for i, t in enumerate(layer.parameters)
+        ]
+        for layer in layers
+    }
+
+
+def fragile_fraction(
+    local_sweeps: Sequence[SweepResult], response: str, members: Members | None = None
+) -> tuple[float, list[str]]:
     """Weights in layers labelled fragile / weights in all analysed layers, and those layers.
 
+    ``members`` (from ``scope_members``) says which tensors each layer's scope holds: a tensor
+    shared by several layers (tied weights) is one set of weights, counted once in the total
+    and counted as fragile when any layer holding it is labelled fragile, since filtering it
+    hurts through that layer. Without ``members`` each layer counts its own ``numel``.
     The layers come back worst first (most negative score), which is what a failing check shows.
     """
-    total = sum(s.numel for s in local_sweeps)
+
+    def held(sweep: SweepResult) -> Sequence[tuple[Hashable, int]]:
+        layer = sweep.layer or ""
+        if members is not None and layer in members:
+            return members[layer]
+        return [(("layer", layer), sweep.numel)]
+
+    sizes = {key: numel for s in local_sweeps for key, numel in held(s)}
     fragile = [s for s in local_sweeps if getattr(s.labels, response) == "fragile"]
     fragile.sort(key=lambda s: getattr(s.scores, response))
-    fraction = sum(s.numel for s in fragile) / total if total else 0.0
+    fragile_keys = {key for s in fragile for key, _ in held(s)}
+    total = sum(sizes.values())
+    fraction = sum(sizes[key] for key in fragile_keys) / total if total else 0.0
     return fraction, [s.layer or "" for s in fragile]

@@ -14,7 +14,7 @@ forward pass gives both the clean prediction and the gradient.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -184,9 +184,10 @@ class Evaluator:
         self.inert_variants: set[Hashable] = set()  # memo keys of such variants
 
     @contextmanager
-    def focus(self, layer: str) -> Iterator[None]:
-        """Reuse the network's prefix before ``layer`` while the weights of ``layer`` change."""
-        self._prefix = self._build_prefix(layer)
+    def focus(self, layer: str, tensors: Sequence[torch.Tensor] | None = None) -> Iterator[None]:
+        """Reuse the network's prefix before the first reader of ``tensors`` (by default every
+        tensor of the module ``layer``) while they change."""
+        self._prefix = self._build_prefix(layer, tensors)
         if self._prefix is not None:
             self.prefix_hits += 1
         try:
@@ -194,10 +195,12 @@ class Evaluator:
         finally:
             self._prefix = None
 
-    def _build_prefix(self, layer: str) -> _PrefixCache | None:
+    def _build_prefix(
+        self, layer: str, tensors: Sequence[torch.Tensor] | None = None
+    ) -> _PrefixCache | None:
         if self.splitter is None or self.prefix_budget <= 0:
             return None
-        split = self.splitter.split(layer)
+        split = self.splitter.split(layer, tensors)
         if split is None:
             return None
         batches = list(self.data.batches())

@@ -151,3 +151,42 @@ def test_fragile_fraction_counts_parameters_worst_first():
     assert fraction == pytest.approx(0.4)
     assert layers == ["fc1", "conv1"]
     assert fragile_fraction(sweeps, "clean") == (pytest.approx(0.3), ["fc1"])
+
+
+def test_a_tied_tensor_counts_once_and_is_fragile_when_any_holder_is():
+    # enc and dec share one 200-element weight; dec also holds a 10-element bias of its own.
+    members = {
+        "enc": [("enc.weight", 200)],
+        "dec": [("enc.weight", 200), ("dec.bias", 10)],
+        "fc": [("fc.weight", 90)],
+    }
+    sweeps = [
+        _sweep("enc", 200, "robust", "robust", 0.0),
+        _sweep("dec", 210, "fragile", "robust", -0.3),
+        _sweep("fc", 90, "fragile", "fragile", -0.2),
+    ]
+    total = 200 + 10 + 90  # distinct weights, not 200 + 210 + 90
+    fraction, layers = fragile_fraction(sweeps, "clean", members=members)
+    assert fraction == (200 + 10 + 90) / total  # enc.weight is fragile through dec
+    assert layers == ["dec", "fc"]
+    assert fragile_fraction(sweeps, "adversarial", members=members) == (90 / total, ["fc"])
+    # Without the members each layer counts its own numel, as before.
+    assert fragile_fraction(sweeps, "adversarial") == (90 / 500, ["fc"])
+
+
+def test_scope_members_name_a_tied_tensor_once():
+    from torch import nn
+
+    from inferlink_audit.layers import AnalysedLayer
+    from inferlink_audit.scores import scope_members
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    layers = [
+        AnalysedLayer("0", "Linear", [model[0].weight]),
+        AnalysedLayer("2", "Linear", [model[2].weight, model[2].bias]),
+    ]
+    assert scope_members(model, layers) == {
+        "0": [("0.weight", 16)],
+        "2": [("0.weight", 16), ("2.bias", 4)],
+    }
