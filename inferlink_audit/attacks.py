@@ -204,14 +204,16 @@ class BoxLBFGS(Attack):
     box-constrained optimization via a new projected quasi-Newton approach*, SIAM J. Sci.
     Comput. 32, 2010): coordinates at a bound whose gradient points out of the box are held,
     the quasi-Newton direction is taken on the others, and a backtracking Armijo search runs
-    along the projection onto the box. Its constants are SciPy's L-BFGS-B defaults.
+    along the projection onto the box. Its constants are SciPy's L-BFGS-B defaults. (One SciPy
+    problem per example would cost SciPy's Python overhead per example and iteration; the old
+    single problem per 64 examples made their iterations and tolerances shared.)
     """
 
     spec: LBFGSSpec
     searches = 6  # values of c tried per example
     initial_c = 1.0
     memory = 10  # correction pairs kept per example (SciPy's m)
-    max_backtracks = 20  # halvings of the step per line search (SciPy's max_ls)
+    max_backtracks = 20  # trials per line search (SciPy's max_ls)
     pgtol = 1e-5  # stop when the projected gradient's largest entry is this small
     ftol = 1e7 * float(np.finfo(float).eps)  # ... or the objective's relative decrease (factr)
     armijo = 1e-4  # sufficient decrease of the line search
@@ -291,7 +293,12 @@ class BoxLBFGS(Attack):
     def _minimise(
         self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, c: torch.Tensor
     ) -> torch.Tensor:
-        """Every example's minimiser of its objective in the box, each found on its own."""
+        """Every example's minimiser of its objective in the box, each found on its own.
+
+        Each round evaluates one point per unfinished example in a single batched pass: the
+        next trial of its line search, or the first trial along its new direction once its
+        last step was accepted. So an example that backtracks never holds up the others.
+        """
         n, m = x.shape[0], self.memory
         lo, hi = (self.lo - x).flatten(1), (self.hi - x).flatten(1)
         r = torch.zeros_like(lo)
@@ -300,79 +307,107 @@ class BoxLBFGS(Attack):
         y_hist = torch.zeros_like(s_hist)
         rho = torch.zeros(n, m, dtype=r.dtype, device=r.device)
         iterations = torch.zeros(n, dtype=torch.long, device=r.device)
-        active = torch.ones(n, dtype=torch.bool, device=r.device)
+        backtracks = torch.zeros(n, dtype=torch.long, device=r.device)
+        alpha = torch.ones(n, dtype=r.dtype, device=r.device)
+        everyone = torch.arange(n, device=r.device)
+        active = self._converged(r, g, lo, hi, iterations).logical_not_()
+        direction = self._direction(r, g, lo, hi, s_hist, y_hist, rho)
+        # A step must gain more than the objective can resolve (else only rounding passes it).
+        resolution = torch.finfo(r.dtype).eps
+        ftol = max(self.ftol, resolution)  # SciPy's test, no finer than the float type
         while True:
-            projected = (r - g).clamp(lo, hi) - r
-            active &= (projected.abs().amax(1) > self.pgtol) & (iterations < self.spec.max_iter)
-            idx = active.nonzero().squeeze(1)
+            idx = everyone[active]
             if idx.numel() == 0:
                 break
-            ri, gi = r[idx], g[idx]
-            held = ((ri <= lo[idx]) & (gi > 0)) | ((ri >= hi[idx]) & (gi < 0))
-            direction = -_two_loop(gi.masked_fill(held, 0), s_hist[idx], y_hist[idx], rho[idx])
-            direction = direction.masked_fill(held, 0)
-            # Without curvature pairs (or when they give no descent): steepest descent, a first
-            # step of unit length as in L-BFGS-B.
-            fresh = (rho[idx] == 0).all(1) | ((direction * gi).sum(1) >= 0)
-            steepest = gi.masked_fill(held, 0)
-            unit = steepest.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            direction = torch.where(fresh[:, None], -steepest / unit, direction)
-            moved, r_new, f_new, g_new = self._line_search(
-                model, x[idx], target[idx], c[idx], ri, f[idx], gi, direction
+            ri = r[idx]
+            trial = (ri + alpha[idx, None] * direction[idx]).clamp(lo[idx], hi[idx])
+            decrease = (g[idx] * (trial - ri)).sum(1)
+            hopeless = -decrease <= resolution * f[idx].abs().clamp_min(1)
+            active[idx[hopeless]] = False
+            idx, ri, trial, decrease = (
+                idx[~hopeless],
+                ri[~hopeless],
+                trial[~hopeless],
+                decrease[~hopeless],
             )
-            stalled = ~moved | (
-                (f[idx] - f_new)
-                <= self.ftol * torch.maximum(f[idx].abs(), f_new.abs()).clamp_min(1)
-            )
-            s_new, y_new = r_new - ri, g_new - gi
+            if idx.numel() == 0:
+                break
+            f_trial, g_trial = self._objective(model, x[idx], target[idx], c[idx], trial)
+            ok = torch.isfinite(f_trial) & (f_trial <= f[idx] + self.armijo * decrease)
+            # Rejected: shrink by the minimiser of the quadratic through f(r), its slope and
+            # f(trial), kept within [0.1, 0.5] of the step (Nocedal & Wright §3.5).
+            bad = idx[~ok]
+            curvature = (f_trial - f[idx] - decrease)[~ok]
+            shrink = -decrease[~ok] / (2 * curvature).clamp_min(1e-30)
+            alpha[bad] *= shrink.nan_to_num(0.1).clamp(0.1, 0.5)
+            backtracks[bad] += 1
+            active[bad[backtracks[bad] >= self.max_backtracks]] = False
+            # Accepted: a new iterate, a curvature pair, and the next direction.
+            good = idx[ok]
+            if good.numel() == 0:
+                continue
+            s_new, y_new = trial[ok] - ri[ok], g_trial[ok] - g[good]
+            f_old = f[good]
+            r[good], f[good], g[good] = trial[ok], f_trial[ok], g_trial[ok]
             sy = (s_new * y_new).sum(1)
-            keep = moved & (sy > 1e-10 * (y_new * y_new).sum(1))
-            kept = idx[keep]
+            keep = sy > 1e-10 * (y_new * y_new).sum(1)
+            kept = good[keep]
             if kept.numel():
                 s_hist[kept] = torch.cat([s_hist[kept, 1:], s_new[keep, None]], dim=1)
                 y_hist[kept] = torch.cat([y_hist[kept, 1:], y_new[keep, None]], dim=1)
                 rho[kept] = torch.cat([rho[kept, 1:], (1 / sy[keep])[:, None]], dim=1)
-            r[idx], f[idx], g[idx] = r_new, f_new, g_new
-            iterations[idx] += 1
-            active[idx[stalled]] = False
+            iterations[good] += 1
+            stalled = (f_old - f[good]) <= ftol * torch.maximum(
+                f_old.abs(), f[good].abs()
+            ).clamp_min(1)
+            done = stalled | self._converged(r[good], g[good], lo[good], hi[good], iterations[good])
+            active[good[done]] = False
+            going = good[~done]
+            if going.numel():
+                direction[going] = self._direction(
+                    r[going],
+                    g[going],
+                    lo[going],
+                    hi[going],
+                    s_hist[going],
+                    y_hist[going],
+                    rho[going],
+                )
+                alpha[going] = 1.0
+                backtracks[going] = 0
         return r.view_as(x)
 
-    def _line_search(
+    def _converged(
         self,
-        model: nn.Module,
-        x: torch.Tensor,
-        target: torch.Tensor,
-        c: torch.Tensor,
         r: torch.Tensor,
-        f: torch.Tensor,
         g: torch.Tensor,
-        direction: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Backtracking along the projection arc, per example: (moved, r, f, g) after it.
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        iterations: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per example: projected gradient below ``pgtol`` or ``max_iter`` iterations done."""
+        projected = (r - g).clamp(lo, hi) - r
+        return (projected.abs().amax(1) <= self.pgtol) | (iterations >= self.spec.max_iter)
 
-        An example whose step never gives sufficient decrease stays where it is (moved False).
-        """
-        lo, hi = (self.lo - x).flatten(1), (self.hi - x).flatten(1)
-        k = r.shape[0]
-        alpha = torch.ones(k, dtype=r.dtype, device=r.device)
-        moved = torch.zeros(k, dtype=torch.bool, device=r.device)
-        r_new, f_new, g_new = r.clone(), f.clone(), g.clone()
-        pending = torch.ones(k, dtype=torch.bool, device=r.device)
-        for _ in range(self.max_backtracks):
-            p = pending.nonzero().squeeze(1)
-            if p.numel() == 0:
-                break
-            trial = (r[p] + alpha[p, None] * direction[p]).clamp(lo[p], hi[p])
-            f_trial, g_trial = self._objective(model, x[p], target[p], c[p], trial)
-            decrease = (g[p] * (trial - r[p])).sum(1)
-            ok = torch.isfinite(f_trial) & (f_trial <= f[p] + self.armijo * decrease)
-            ok &= decrease < 0
-            done = p[ok]
-            r_new[done], f_new[done], g_new[done] = trial[ok], f_trial[ok], g_trial[ok]
-            moved[done] = True
-            pending[done] = False
-            alpha[p[~ok]] *= 0.5
-        return moved, r_new, f_new, g_new
+    @staticmethod
+    def _direction(
+        r: torch.Tensor,
+        g: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        s_hist: torch.Tensor,
+        y_hist: torch.Tensor,
+        rho: torch.Tensor,
+    ) -> torch.Tensor:
+        """The quasi-Newton direction on the coordinates free to move (others held at their
+        bound); steepest descent of unit length when there is no curvature pair yet or the
+        pairs give no descent, as L-BFGS-B starts."""
+        held = ((r <= lo) & (g > 0)) | ((r >= hi) & (g < 0))
+        free_g = g.masked_fill(held, 0)
+        direction = -_two_loop(free_g, s_hist, y_hist, rho).masked_fill(held, 0)
+        fresh = (rho == 0).all(1) | ((direction * g).sum(1) >= 0)
+        unit = free_g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.where(fresh[:, None], -free_g / unit, direction)
 
 
 def _two_loop(

@@ -113,17 +113,13 @@ def test_gaussian_is_seeded_per_example(linear):
     ids=lambda s: s.id,
 )
 def test_numbers_do_not_depend_on_the_batch_size(linear, spec):
-    """An example gets the same random draw (and L-BFGS the same joint problems) whether the
-    data is attacked in one batch or in batches of any multiple of EXAMPLE_CHUNK; Gaussian
-    noise and PGD in batches of any size."""
+    """An example gets the same random draw (and L-BFGS the same problem) whether the data is
+    attacked in one batch or in batches of any size."""
     model, x, y = linear
     x, y = torch.cat([x] * 3)[:150], torch.cat([y] * 3)[:150]
     attack = build_attack(spec, (0.0, 1.0), 3)
     whole = attack(model, x, y).adversarial
-    sizes = [EXAMPLE_CHUNK, 2 * EXAMPLE_CHUNK]
-    if not isinstance(spec, LBFGSSpec):
-        sizes += [1, 7, 100]
-    for size in sizes:
+    for size in [EXAMPLE_CHUNK, 2 * EXAMPLE_CHUNK, 1, 7, 100]:
         parts = [
             attack(model, x[s : s + size], y[s : s + size], offset=s).adversarial
             for s in range(0, len(y), size)
