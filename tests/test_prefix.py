@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from functools import partial
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from inferlink_audit.attacks import FGSM, GaussianNoise
 from inferlink_audit.prefix import NetworkSplitter
@@ -295,3 +296,44 @@ def test_a_hook_the_trace_does_not_see_prevents_the_split():
     model = TiedFirst().eval()
     model.register_forward_hook(lambda m, i, out: out * 2)  # on the root: not in the graph
     assert NetworkSplitter(model).split("fc", _tensors(model, "fc")) is None
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda g, h: g.call_function(operator.iadd, (h, 1.0)),
+        lambda g, h: g.call_function(operator.setitem, (h, 0, 0.0)),
+        lambda g, h: g.call_method("__imul__", (h, 2.0)),
+        lambda g, h: g.call_function(torch.mul, (h, 2.0), {"out": h}),
+    ],
+    ids=["iadd", "setitem", "__imul__", "out="],
+)
+def test_writes_symbolic_trace_cannot_record_are_recognised(write):
+    """``h += 1`` and ``h[0] = 0`` do not trace, but a graph built by hand (or by another
+    tracer) may hold them: the written live value is still recomputed on every pass."""
+    torch.manual_seed(0)
+    root = _TwoConvs().eval()
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    h = graph.call_module("conv1", (x,))
+    y = graph.call_module("conv2", (graph.call_function(torch.tanh, (h,)),))
+    s = graph.call_function(torch.sigmoid, (h,))
+    write(graph, h)
+    graph.output(graph.call_function(operator.add, (graph.call_function(operator.add, (y, h)), s)))
+    model = fx.GraphModule(root, graph)
+    splitter = NetworkSplitter(root)
+    splitter.model, splitter.graph_module = model, model
+    split = splitter.split("conv2", [root.conv2.weight])
+    assert split is not None and split.live == ("x",)
+    inputs = torch.rand(2, 1, 6, 6)
+    with torch.no_grad():
+        live = split.prefix(inputs)
+        for _ in range(3):
+            assert torch.equal(split.suffix(*live), model(inputs))
