@@ -204,9 +204,11 @@ class BoxLBFGS(Attack):
     box-constrained optimization via a new projected quasi-Newton approach*, SIAM J. Sci.
     Comput. 32, 2010): coordinates at a bound whose gradient points out of the box are held,
     the quasi-Newton direction is taken on the others, and a backtracking Armijo search runs
-    along the projection onto the box. Its constants are SciPy's L-BFGS-B defaults. (One SciPy
-    problem per example would cost SciPy's Python overhead per example and iteration; the old
-    single problem per 64 examples made their iterations and tolerances shared.)
+    along the projection onto the box. Its constants are SciPy's L-BFGS-B defaults; on smooth
+    problems it reaches SciPy's per-example minimum to float precision, without SciPy's Python
+    overhead per example and iteration. Bit for bit, an example's result is the same alone or
+    batched wherever the network's own batched kernels are (floating-point rounding of
+    batched matrix products can differ in the last bits).
     """
 
     spec: LBFGSSpec
@@ -299,112 +301,149 @@ class BoxLBFGS(Attack):
         next trial of its line search, or the first trial along its new direction once its
         last step was accepted. So an example that backtracks never holds up the others.
         """
-        n, m = x.shape[0], self.memory
         lo, hi = (self.lo - x).flatten(1), (self.hi - x).flatten(1)
-        r = torch.zeros_like(lo)
-        f, g = self._objective(model, x, target, c, r)
-        s_hist = torch.zeros(n, m, r.shape[1], dtype=r.dtype, device=r.device)
-        y_hist = torch.zeros_like(s_hist)
-        rho = torch.zeros(n, m, dtype=r.dtype, device=r.device)
-        iterations = torch.zeros(n, dtype=torch.long, device=r.device)
-        backtracks = torch.zeros(n, dtype=torch.long, device=r.device)
-        alpha = torch.ones(n, dtype=r.dtype, device=r.device)
-        everyone = torch.arange(n, device=r.device)
-        active = self._converged(r, g, lo, hi, iterations).logical_not_()
-        direction = self._direction(r, g, lo, hi, s_hist, y_hist, rho)
-        # A step must gain more than the objective can resolve (else only rounding passes it).
-        resolution = torch.finfo(r.dtype).eps
-        ftol = max(self.ftol, resolution)  # SciPy's test, no finer than the float type
+        f, g = self._objective(model, x, target, c, torch.zeros_like(lo))
+        state = _Problems.start(lo, hi, f, g, self.memory)
+        state.active = ~self._converged(state, state.everyone)
         while True:
-            idx = everyone[active]
-            if idx.numel() == 0:
-                break
-            ri = r[idx]
-            trial = (ri + alpha[idx, None] * direction[idx]).clamp(lo[idx], hi[idx])
-            decrease = (g[idx] * (trial - ri)).sum(1)
-            hopeless = -decrease <= resolution * f[idx].abs().clamp_min(1)
-            active[idx[hopeless]] = False
-            idx, ri, trial, decrease = (
-                idx[~hopeless],
-                ri[~hopeless],
-                trial[~hopeless],
-                decrease[~hopeless],
-            )
-            if idx.numel() == 0:
-                break
-            f_trial, g_trial = self._objective(model, x[idx], target[idx], c[idx], trial)
-            ok = torch.isfinite(f_trial) & (f_trial <= f[idx] + self.armijo * decrease)
-            # Rejected: shrink by the minimiser of the quadratic through f(r), its slope and
-            # f(trial), kept within [0.1, 0.5] of the step (Nocedal & Wright §3.5).
-            bad = idx[~ok]
-            curvature = (f_trial - f[idx] - decrease)[~ok]
-            shrink = -decrease[~ok] / (2 * curvature).clamp_min(1e-30)
-            alpha[bad] *= shrink.nan_to_num(0.1).clamp(0.1, 0.5)
-            backtracks[bad] += 1
-            active[bad[backtracks[bad] >= self.max_backtracks]] = False
-            # Accepted: a new iterate, a curvature pair, and the next direction.
-            good = idx[ok]
-            if good.numel() == 0:
-                continue
-            s_new, y_new = trial[ok] - ri[ok], g_trial[ok] - g[good]
-            f_old = f[good]
-            r[good], f[good], g[good] = trial[ok], f_trial[ok], g_trial[ok]
-            sy = (s_new * y_new).sum(1)
-            keep = sy > 1e-10 * (y_new * y_new).sum(1)
-            kept = good[keep]
-            if kept.numel():
-                s_hist[kept] = torch.cat([s_hist[kept, 1:], s_new[keep, None]], dim=1)
-                y_hist[kept] = torch.cat([y_hist[kept, 1:], y_new[keep, None]], dim=1)
-                rho[kept] = torch.cat([rho[kept, 1:], (1 / sy[keep])[:, None]], dim=1)
-            iterations[good] += 1
-            stalled = (f_old - f[good]) <= ftol * torch.maximum(
-                f_old.abs(), f[good].abs()
-            ).clamp_min(1)
-            done = stalled | self._converged(r[good], g[good], lo[good], hi[good], iterations[good])
-            active[good[done]] = False
-            going = good[~done]
-            if going.numel():
-                direction[going] = self._direction(
-                    r[going],
-                    g[going],
-                    lo[going],
-                    hi[going],
-                    s_hist[going],
-                    y_hist[going],
-                    rho[going],
-                )
-                alpha[going] = 1.0
-                backtracks[going] = 0
-        return r.view_as(x)
+            rows, trial, decrease = self._trials(state)
+            if rows.numel() == 0:
+                return state.r.view_as(x)
+            f_trial, g_trial = self._objective(model, x[rows], target[rows], c[rows], trial)
+            ok = torch.isfinite(f_trial) & (f_trial <= state.f[rows] + self.armijo * decrease)
+            self._backtrack(state, rows[~ok], f_trial[~ok], decrease[~ok])
+            self._accept(state, rows[ok], trial[ok], f_trial[ok], g_trial[ok])
 
-    def _converged(
+    def _trials(self, state: _Problems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The unfinished examples, their trial points and each step's predicted change.
+
+        A step whose predicted gain is below what the objective can resolve could only pass
+        the sufficient-decrease test by rounding: that example stops where it is.
+        """
+        rows = state.everyone[state.active]
+        r = state.r[rows]
+        trial = (r + state.alpha[rows, None] * state.direction[rows]).clamp(
+            state.lo[rows], state.hi[rows]
+        )
+        decrease = (state.g[rows] * (trial - r)).sum(1)
+        resolution = torch.finfo(r.dtype).eps * state.f[rows].abs().clamp_min(1)
+        hopeless = -decrease <= resolution
+        state.active[rows[hopeless]] = False
+        return rows[~hopeless], trial[~hopeless], decrease[~hopeless]
+
+    def _backtrack(
+        self, state: _Problems, rows: torch.Tensor, f_trial: torch.Tensor, decrease: torch.Tensor
+    ) -> None:
+        """Shrink rejected steps by the minimiser of the quadratic through f(r), its slope and
+        f(trial), kept within [0.1, 0.5] of the step (Nocedal & Wright §3.5)."""
+        curvature = f_trial - state.f[rows] - decrease
+        shrink = -decrease / (2 * curvature).clamp_min(1e-30)
+        state.alpha[rows] *= shrink.nan_to_num(0.1).clamp(0.1, 0.5)
+        state.backtracks[rows] += 1
+        state.active[rows[state.backtracks[rows] >= self.max_backtracks]] = False
+
+    def _accept(
         self,
-        r: torch.Tensor,
-        g: torch.Tensor,
-        lo: torch.Tensor,
-        hi: torch.Tensor,
-        iterations: torch.Tensor,
-    ) -> torch.Tensor:
-        """Per example: projected gradient below ``pgtol`` or ``max_iter`` iterations done."""
-        projected = (r - g).clamp(lo, hi) - r
-        return (projected.abs().amax(1) <= self.pgtol) | (iterations >= self.spec.max_iter)
+        state: _Problems,
+        rows: torch.Tensor,
+        trial: torch.Tensor,
+        f_trial: torch.Tensor,
+        g_trial: torch.Tensor,
+    ) -> None:
+        """Move accepted examples, record their curvature pairs, and stop them or give them
+        their next direction."""
+        if rows.numel() == 0:
+            return
+        f_old = state.f[rows]
+        state.push_pair(rows, trial - state.r[rows], g_trial - state.g[rows])
+        state.r[rows], state.f[rows], state.g[rows] = trial, f_trial, g_trial
+        state.iterations[rows] += 1
+        # SciPy's relative-decrease test, no finer than the float type can tell.
+        ftol = max(self.ftol, torch.finfo(f_old.dtype).eps)
+        scale = torch.maximum(f_old.abs(), f_trial.abs()).clamp_min(1)
+        done = ((f_old - f_trial) <= ftol * scale) | self._converged(state, rows)
+        state.active[rows[done]] = False
+        going = rows[~done]
+        if going.numel():
+            state.direction[going] = state.direction_for(going)
+            state.alpha[going] = 1.0
+            state.backtracks[going] = 0
 
-    @staticmethod
-    def _direction(
-        r: torch.Tensor,
-        g: torch.Tensor,
-        lo: torch.Tensor,
-        hi: torch.Tensor,
-        s_hist: torch.Tensor,
-        y_hist: torch.Tensor,
-        rho: torch.Tensor,
-    ) -> torch.Tensor:
+    def _converged(self, state: _Problems, rows: torch.Tensor) -> torch.Tensor:
+        """Per example: projected gradient below ``pgtol`` or ``max_iter`` iterations done."""
+        r, g = state.r[rows], state.g[rows]
+        projected = (r - g).clamp(state.lo[rows], state.hi[rows]) - r
+        return (projected.abs().amax(1) <= self.pgtol) | (
+            state.iterations[rows] >= self.spec.max_iter
+        )
+
+
+@dataclass
+class _Problems:
+    """The state of independent box-constrained L-BFGS problems, one row per example."""
+
+    lo: torch.Tensor  # bounds on r
+    hi: torch.Tensor
+    r: torch.Tensor  # current iterate, its objective and gradient
+    f: torch.Tensor
+    g: torch.Tensor
+    s_hist: torch.Tensor  # curvature pairs, oldest first; an empty slot has rho 0
+    y_hist: torch.Tensor
+    rho: torch.Tensor
+    direction: torch.Tensor
+    alpha: torch.Tensor  # the step being tried along direction
+    iterations: torch.Tensor
+    backtracks: torch.Tensor
+    active: torch.Tensor
+    everyone: torch.Tensor
+
+    @classmethod
+    def start(
+        cls, lo: torch.Tensor, hi: torch.Tensor, f: torch.Tensor, g: torch.Tensor, memory: int
+    ) -> _Problems:
+        """Problems at r = 0 with objective ``f`` and gradient ``g`` there."""
+        n, device = lo.shape[0], lo.device
+        history = torch.zeros(n, memory, lo.shape[1], dtype=lo.dtype, device=device)
+        counts = torch.zeros(n, dtype=torch.long, device=device)
+        state = cls(
+            lo=lo,
+            hi=hi,
+            r=torch.zeros_like(lo),
+            f=f,
+            g=g,
+            s_hist=history,
+            y_hist=history.clone(),
+            rho=torch.zeros(n, memory, dtype=lo.dtype, device=device),
+            direction=torch.zeros_like(lo),
+            alpha=torch.ones(n, dtype=lo.dtype, device=device),
+            iterations=counts,
+            backtracks=counts.clone(),
+            active=torch.ones(n, dtype=torch.bool, device=device),
+            everyone=torch.arange(n, device=device),
+        )
+        state.direction = state.direction_for(state.everyone)
+        return state
+
+    def push_pair(self, rows: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep (s, y) as the newest pair of each row where its curvature is positive."""
+        sy = (s * y).sum(1)
+        keep = sy > 1e-10 * (y * y).sum(1)
+        kept = rows[keep]
+        if kept.numel():
+            self.s_hist[kept] = torch.cat([self.s_hist[kept, 1:], s[keep, None]], dim=1)
+            self.y_hist[kept] = torch.cat([self.y_hist[kept, 1:], y[keep, None]], dim=1)
+            self.rho[kept] = torch.cat([self.rho[kept, 1:], (1 / sy[keep])[:, None]], dim=1)
+
+    def direction_for(self, rows: torch.Tensor) -> torch.Tensor:
         """The quasi-Newton direction on the coordinates free to move (others held at their
         bound); steepest descent of unit length when there is no curvature pair yet or the
         pairs give no descent, as L-BFGS-B starts."""
-        held = ((r <= lo) & (g > 0)) | ((r >= hi) & (g < 0))
+        r, g = self.r[rows], self.g[rows]
+        held = ((r <= self.lo[rows]) & (g > 0)) | ((r >= self.hi[rows]) & (g < 0))
         free_g = g.masked_fill(held, 0)
-        direction = -_two_loop(free_g, s_hist, y_hist, rho).masked_fill(held, 0)
+        rho = self.rho[rows]
+        direction = -_two_loop(free_g, self.s_hist[rows], self.y_hist[rows], rho)
+        direction = direction.masked_fill(held, 0)
         fresh = (rho == 0).all(1) | ((direction * g).sum(1) >= 0)
         unit = free_g.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return torch.where(fresh[:, None], -free_g / unit, direction)
