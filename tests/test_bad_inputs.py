@@ -195,14 +195,20 @@ def test_the_console_command_gives_the_same_errors(corpus_inputs: Path, tmp_path
             env=ENV,
         )
         runs.append((case, folder, staged, before, proc))
-    for case, folder, staged, before, proc in runs:
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode == 2, err
-        assert out == ""
-        assert_clear_error(err, case, staged)
-        assert snapshot(folder) == before
-        for name in case.pwned:
-            assert not (folder / name).exists()
+    try:
+        for case, folder, staged, before, proc in runs:
+            out, err = proc.communicate(timeout=600)  # a guard against a hang only
+            assert proc.returncode == 2, err
+            assert out == ""
+            assert_clear_error(err, case, staged)
+            assert snapshot(folder) == before
+            for name in case.pwned:
+                assert not (folder / name).exists()
+    finally:
+        for *_, proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
 
 
 def test_debug_shows_the_traceback(corpus_inputs: Path, tmp_path: Path) -> None:
