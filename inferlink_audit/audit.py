@@ -52,7 +52,7 @@ from .results import (
     SweepResult,
     read_results,
 )
-from .scores import score_curves
+from .scores import Members, scope_members, score_curves
 from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
 from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
@@ -502,6 +502,11 @@ class AuditSession:
         return results
 
     # ----------------------------------------------------------------- regression checks
+    def scope_members(self) -> Members:
+        """Each analysed layer's tensors by name, so a tied tensor counts once (method §4)."""
+        p = self.prepared
+        return scope_members(p.loaded.inner, p.layers)
+
     def baseline_model(self) -> ModelResult:
         """This model's entry in the released results that the regression checks compare with."""
         assert self.spec.baseline is not None  # the spec validator guarantees it
@@ -565,7 +570,7 @@ class AuditSession:
             "seconds": round(seconds, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "deterministic": p.settings,
-            "definitions": "DESIGN §1.4: r = ψ/ψ⁰, b = 1 − ρ, Simpson over α̂ = k/(n−1)",
+            "definitions": "docs/method.md §4: r = ψ/ψ⁰, b = 1 − ρ, Simpson over α̂ = k/(n−1)",
         }
 
 

@@ -26,7 +26,7 @@ from .results import (
     ModelResult,
     SweepResult,
 )
-from .scores import fragile_fraction
+from .scores import Members, fragile_fraction
 from .spec import AuditSpec
 
 MODEL_CHECKS = ("min_clean_accuracy", "max_lipschitz_upper_bound", "min_adversarial_gain")
@@ -171,6 +171,8 @@ class Measurements(Protocol):
 
     def baseline_model(self) -> ModelResult: ...
 
+    def scope_members(self) -> Members: ...
+
 
 Evaluator = Callable[[PlannedCheck, Measurements], CheckResult]
 
@@ -267,7 +269,9 @@ def _min_adversarial_accuracy(planned: PlannedCheck, m: Measurements) -> CheckRe
 
 
 def _max_fragile_fraction(planned: PlannedCheck, m: Measurements) -> CheckResult:
-    measured, layers = fragile_fraction(_local(_sweeps_of(planned, m)), planned.response)
+    measured, layers = fragile_fraction(
+        _local(_sweeps_of(planned, m)), planned.response, m.scope_members()
+    )
     passed = measured <= planned.limit
     detail = (
         f"{'' if planned.response == 'adversarial' else 'clean '}fragile fraction "

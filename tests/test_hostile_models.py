@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from inferlink_audit.audit import AuditSession
+from inferlink_audit.checks import PlannedCheck
 from inferlink_audit.results import SweepResult
 from inferlink_audit.scores import fragile_fraction
 from inferlink_audit.spec_loader import load_spec
@@ -291,3 +292,15 @@ def test_a_tied_weight_counts_once_in_the_global_scope_and_the_fragile_fraction(
         ) + (inner.fc.weight.numel() if "fc" in fragile else 0)
         fraction, _ = fragile_fraction(local, response, members=members)
         assert fraction == pytest.approx(expected / distinct, abs=1e-15)
+    # The check item reads the same de-duplicated fraction.
+    planned = PlannedCheck(
+        "pulse-fgsm-max_fragile_fraction",
+        "max_fragile_fraction",
+        "pulse",
+        f"fgsm_eps{EPS}",
+        1.0,
+        None,
+        "pulse fgsm",
+        response="clean",
+    )
+    assert session.evaluate(planned).measured == pytest.approx(81 / 540, abs=1e-15)
