@@ -1,4 +1,4 @@
-"""Scores and labels (DESIGN §1.4), from accuracy curves to fragile / robust / antifragile.
+"""Scores and labels (docs/method.md §4), from accuracy curves to fragile / robust / antifragile.
 
 Integrals use composite Simpson's rule over the normalised threshold α̂ₖ = k/(n − 1), exactly
 as ``scipy.integrate.simpson`` computes it (the reference notebooks' ``rob_value``).
@@ -34,6 +34,12 @@ def baseline(removed_fraction: Sequence[float] | np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(removed_fraction, dtype=np.float64)
 
 
+#: Simpson's sum rounds: a curve whose φ is exactly −τ on paper (τ = 0.05, say) computes as
+#: −0.05000000000000001. Comparisons with τ allow this much, so a score on the boundary stays on
+#: the side the definition puts it (the inequalities are strict).
+ROUNDING = 1e-12
+
+
 def label_of(
     response: np.ndarray, base: np.ndarray, tolerance: float
 ) -> tuple[Label, float, float]:
@@ -44,9 +50,9 @@ def label_of(
     """
     phi = integrate(response - base)
     gain = integrate(np.maximum(0.0, response - 1.0))
-    if gain > tolerance:
+    if gain > tolerance + ROUNDING:
         return "antifragile", phi, gain
-    if phi < -tolerance:
+    if phi < -tolerance - ROUNDING:
         return "fragile", phi, gain
     return "robust", phi, gain
 
@@ -93,7 +99,7 @@ def score_curves(
     return ScoredCurves(
         scores=Scores(clean=phi_c, adversarial=phi_a, difference=phi_d),
         labels=Labels(clean=clean_label, adversarial=adversarial_label),
-        targeted=phi_d < -tolerance,
+        targeted=phi_d < -tolerance - ROUNDING,
         antifragile_area=Scores(clean=gain_c, adversarial=gain_a, difference=0.0),
         adversarial_normalised_by=normalised_by,
     )

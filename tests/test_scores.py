@@ -124,6 +124,35 @@ def test_tolerance_boundary():
     assert [t.targeted for t in targeted] == [False, True]
 
 
+@pytest.mark.parametrize("tau", [0.05, 0.1, 0.03])
+def test_a_score_on_the_boundary_is_robust_despite_rounding(tau):
+    # A curve a constant τ below the baseline has φ = −τ on paper; Simpson's sum gives a value
+    # a rounding error away from it (−0.05000000000000001 for τ = 0.05), which must not make
+    # the layer fragile or targeted.
+    base = 1 - REMOVED
+    s = score_curves(
+        base,
+        base - tau,
+        REMOVED,
+        clean_reference=1.0,
+        adversarial_reference=1.0,
+        tolerance=tau,
+    )
+    assert s.scores.adversarial == pytest.approx(-tau, abs=1e-14)
+    assert s.labels == Labels(clean="robust", adversarial="robust")
+    assert not s.targeted
+    gain = score_curves(
+        np.ones(N) + tau,
+        base,
+        REMOVED,
+        clean_reference=1.0,
+        adversarial_reference=1.0,
+        tolerance=tau,
+    )
+    assert gain.antifragile_area.clean == pytest.approx(tau, abs=1e-14)
+    assert gain.labels.clean != "antifragile"
+
+
 def _sweep(layer, numel, clean, adv, score=-0.1):
     return SweepResult(
         scope="local",
