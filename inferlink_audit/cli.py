@@ -28,31 +28,6 @@ EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 # 128 + signal number, as a shell reports a process ended by that signal.
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
-STARTER_SPEC = """\
-# inferlink-audit spec: see README.md ("Spec reference") for every key.
-version: 1
-name: {name}
-model:
-  factory: {factory}          # module.path:Name | file.py:Name | "torchvision: resnet18" | "torchscript: model.pt"
-  kwargs: {{}}
-  checkpoint: {checkpoint}    # .safetensors, or .pt/.pth/.ckpt (loaded with weights_only=True)
-data:
-  source: sklearn_digits      # sklearn_digits | tensors (path: test.pt) | torchvision (name, root)
-  split: test
-  limit: 512
-  batch_size: 256             # or auto: the largest batch that fits the device
-  input_range: [0, 1]
-filtering:
-  scopes: [local, global]
-  filters: [low_pass, high_pass, pulse]
-  thresholds: 25
-attacks:
-  - fgsm: {{eps: 0.1}}
-checks:
-  min_clean_accuracy: 0.90
-  max_fragile_fraction: {{value: 0.40, on: adversarial}}
-"""
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -73,12 +48,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
-    init = sub.add_parser("init", help="write a starter spec")
+    init = sub.add_parser(
+        "init",
+        help="write a starter spec; with a model, checkpoint and data, fill the layers and "
+        "estimate the cost",
+    )
     init.add_argument("path", type=Path, nargs="?", default=Path("audit.yaml"))
     init.add_argument("--name", default="my-model")
-    init.add_argument("--factory", default="models.py:Net")
-    init.add_argument("--checkpoint", default="model.safetensors")
+    init.add_argument(
+        "--factory",
+        help='module.path:Name, file.py:Name (next to the spec), "torchvision: resnet18" or '
+        '"torchscript: model.pt"',
+    )
+    init.add_argument(
+        "--kwargs", help='the factory\'s arguments: "num_classes: 10" or num_classes=10'
+    )
+    init.add_argument("--checkpoint", help="the weights: .safetensors, .pt, .pth, .ckpt")
+    init.add_argument(
+        "--data",
+        help="the test set: a .pt dict {x, y} or .npz, an image folder, sklearn_digits, or "
+        "NAME:ROOT (CIFAR10:~/datasets)",
+    )
+    init.add_argument(
+        "--input-range", nargs=2, type=float, metavar=("LO", "HI"), default=(0.0, 1.0)
+    )
+    init.add_argument(
+        "--normalize",
+        nargs=2,
+        metavar=("MEAN", "STD"),
+        help="per-channel, comma-separated: --normalize 0.485,0.456,0.406 0.229,0.224,0.225",
+    )
+    init.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, xla, mps")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     merge = sub.add_parser("merge", help="one report from several runs' results.json")
     merge.add_argument("results", type=Path, nargs="+")
     merge.add_argument("--out", type=Path, required=True)
@@ -210,16 +212,8 @@ def _refuse_overwriting_inputs(spec: AuditSpec, out: Path) -> None:
             )
 
 
-def _yaml_scalar(value: str) -> str:
-    """``value`` as one line of YAML that reads back as the same string, whatever it holds
-    (``torchvision: resnet18``, ``#``, quotes, spaces, non-ASCII letters)."""
-    import yaml
-
-    dumped = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=2**31)
-    return dumped.removesuffix("\n...\n").rstrip("\n")
-
-
 def _init(args: argparse.Namespace) -> int:
+    from . import starter
     from .fileio import atomic_write_text
     from .spec_loader import parse_spec
 
@@ -229,21 +223,44 @@ def _init(args: argparse.Namespace) -> int:
         )
     if args.path.is_dir():
         raise OutputError(f"{args.path} is a folder; give the path of the spec file to write.")
-    text = STARTER_SPEC.format(
-        name=_yaml_scalar(args.name),
-        factory=_yaml_scalar(args.factory),
-        checkpoint=_yaml_scalar(args.checkpoint),
+    normalize = None
+    if args.normalize is not None:
+        normalize = (
+            starter.parse_floats(args.normalize[0], "--normalize MEAN"),
+            starter.parse_floats(args.normalize[1], "--normalize STD"),
+        )
+    options = starter.StarterOptions(
+        name=args.name,
+        factory=args.factory,
+        kwargs=starter.parse_kwargs(args.kwargs),
+        checkpoint=args.checkpoint,
+        data=starter.parse_data(args.data),
+        input_range=(args.input_range[0], args.input_range[1]),
+        normalize=normalize,
+        device=args.device,
     )
-    parse_spec(text, path=args.path)  # a value the spec refuses is reported, and nothing written
+    # A value the spec refuses is reported (file:line: key) and nothing is written.
+    spec = parse_spec(starter.render_spec(options), path=args.path)
+    try:
+        inspection = starter.inspect(spec, options)
+    except AuditError as exc:
+        raise AuditError(f"{exc}\n{args.path} was not written.") from exc
+    text = starter.render_spec(options, inspection.layers)
+    parse_spec(text, path=args.path)
     try:
         atomic_write_text(args.path, text)
     except OSError as exc:
         raise OutputError(
             f"cannot write {args.path} ({exc.strerror or exc}); choose another path."
         ) from exc
-    print(
-        f"wrote {args.path}; edit model.factory and model.checkpoint, then: inferlink-audit run {args.path}"
-    )
+    for line in inspection.report:
+        print(line)
+    print(f"wrote {args.path}")
+    if inspection.todo:
+        print("still to edit:")
+        for item in inspection.todo:
+            print(f"  - {item}")
+    print(f"then: inferlink-audit run {args.path}")
     return EXIT_PASS
 
 

@@ -216,6 +216,9 @@ def test_init_writes_a_spec_that_loads_and_refuses_to_overwrite(tmp_path, capsys
     assert load_spec(target).name == "net"
     assert main(["init", str(target)]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert load_spec(target).name == "net"  # untouched
+    assert main(["init", str(target), "--name", "other", "--force"]) == 0
+    assert load_spec(target).name == "other"
 
 
 @pytest.mark.parametrize(
@@ -224,8 +227,9 @@ def test_init_writes_a_spec_that_loads_and_refuses_to_overwrite(tmp_path, capsys
         ("torchvision: resnet18", "weights dir/ünïcode — модель: v1.safetensors"),
         ("nets.py:Net", 'ckpt #1/it\'s "best" [v2].pt'),
         ("torchscript: my model.pt", "{weights}: 100%.ckpt"),
+        ("my_pkg.sub.models:Net", "- dash: yes #not a comment.safetensors"),
     ],
-    ids=["torchvision-unicode", "quotes-hash", "torchscript-braces"],
+    ids=["torchvision-unicode", "quotes-hash", "torchscript-braces", "module-dash"],
 )
 def test_init_writes_the_given_factory_and_checkpoint_so_they_load_back(
     tmp_path, capsys, factory, checkpoint
@@ -254,6 +258,88 @@ def test_init_refuses_a_factory_the_spec_would_refuse_and_writes_nothing(tmp_pat
     assert err.startswith(f"inferlink-audit: error: {target}:5: model.factory: factory 'resnet18'")
     assert "Traceback" not in err
     assert not target.exists()
+
+
+def test_init_inspects_a_loadable_model_fills_the_layers_and_estimates_the_cost(tmp_path, capsys):
+    from inferlink_audit.spec_loader import load_spec
+
+    target = tmp_path / "audit.yaml"
+    argv = ["init", str(target), "--factory", "example_audits.digits:DigitsCNN"]
+    argv += ["--kwargs", "num_classes=10", "--checkpoint", str(CHECKPOINT)]
+    argv += ["--data", "sklearn_digits", "--normalize", "0.5", "0.5", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(target)
+    assert (spec.model.kwargs, spec.data.normalize.mean, spec.device) == (
+        {"num_classes": 10},
+        [0.5],
+        "cpu",
+    )
+    assert spec.filtering.layers.include == ["*"]  # 4 layers: a small model is audited whole
+    assert "all 4 Conv2d/Linear layers of the model" in out
+    # (4 local sweeps of 25 thresholds, every layer has more than 25 weights, + global 25)
+    # × 3 filters × 1 attack; 360 test digits.
+    assert "= 375 variants × 3 passes × 360 examples" in out
+    assert "one variant took " in out and "data.limit and filtering.thresholds" in out
+    left = out.split("still to edit:\n", 1)[1].splitlines()
+    # Everything was given and loaded: only the limits are left, with what the model measures.
+    assert left[0].startswith("  - checks: the limits are placeholders")
+    assert f"clean accuracy {digits_accuracy_by_hand(360):.3f}" in left[0]
+    assert left[1] == f"then: inferlink-audit run {target}"
+
+
+def test_init_chooses_the_first_last_and_largest_layer_of_each_stage_of_a_big_model():
+    import torchvision
+
+    from inferlink_audit.layers import select_layers
+    from inferlink_audit.spec import LayerSelectionSpec
+    from inferlink_audit.starter import choose_layers
+
+    layers = select_layers(torchvision.models.resnet18(num_classes=10), LayerSelectionSpec())
+    choice = choose_layers(layers)
+    # conv1 and fc are stages of their own; in layer2-4 the first 3×3 conv at full width
+    # (conv2 of the first block) is the first largest; layer1's convolutions are all equal.
+    assert choice.include == [
+        "conv1",
+        "layer1.0.conv1",
+        "layer2.0.conv2",
+        "layer3.0.conv2",
+        "layer4.0.conv2",
+        "fc",
+    ]
+    assert choice.total == 21
+    assert choice.reason.startswith("6 of the model's 21 Conv2d/Linear layers")
+
+
+def test_init_refuses_a_checkpoint_that_does_not_fit_the_model_and_writes_nothing(tmp_path, capsys):
+    target = tmp_path / "audit.yaml"
+    argv = ["init", str(target), "--factory", "example_audits.digits:DigitsCNN"]
+    argv += ["--kwargs", "{num_classes: 5}", "--checkpoint", str(CHECKPOINT)]
+    argv += ["--data", "sklearn_digits"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"inferlink-audit: error: {target}:7: model.checkpoint: ")
+    assert "does not fit the model" in err and "fc2.weight" in err
+    assert err.rstrip().endswith(f"{target} was not written.")
+    assert not target.exists()
+
+
+def test_init_lists_only_what_is_left_to_edit(tmp_path, capsys):
+    target = tmp_path / "audit.yaml"
+    argv = ["init", str(target), "--factory", "models.py:Net", "--checkpoint", "net.safetensors"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"wrote {target}"
+    left = [line for line in out.splitlines() if line.startswith("  - ")]
+    assert left == [
+        f"  - model.factory: {tmp_path / 'models.py'} does not exist yet",
+        f"  - model.checkpoint: {tmp_path / 'net.safetensors'} does not exist yet",
+        "  - data: the starter audits scikit-learn's digits; point it at your test set "
+        "(--data test.pt, a .npz, an image folder)",
+        "  - then run init again with --force: it fills filtering.layers from the model and "
+        "estimates the audit's cost",
+    ]
+    assert "placeholder" not in out  # factory and checkpoint were given
 
 
 def test_merge_combines_runs(tmp_path):
