@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +49,7 @@ from .results import (
     CheckResult,
     LipschitzResult,
     ModelResult,
+    SweepOutcomes,
     SweepResult,
     read_results,
 )
@@ -56,7 +57,17 @@ from .scores import Members, scope_members, score_curves
 from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
 from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
+from .statistics import (
+    Sampling,
+    SweepDraws,
+    accuracy_interval,
+    bootstrap_sweep,
+    resample_indices,
+    resample_weights,
+    sweep_statistics,
+)
 from .sweep import (
+    Bits,
     EvalData,
     Evaluator,
     frozen_parameters,
@@ -112,6 +123,8 @@ class AuditSession:
         self._transfer: list[dict[str, Any]] | None = None
         self._peers: list[AuditSession] | None = None
         self._orderings: dict[str | None, SortedScope] = {}  # by layer; None is the global scope
+        self._unfiltered_outcomes: dict[str, Bits | None] = {}  # by attack
+        self._draws: dict[tuple[str, str], list[SweepDraws]] = {}  # bootstrap, per sweep
         self.output_dir = output_dir  # where remediated checkpoints go (default: report.dir)
         # How a compared spec's session is obtained; the pytest plugin shares its own.
         self.peer_factory: Callable[[Path], AuditSession] = lambda path: AuditSession(
@@ -397,6 +410,9 @@ class AuditSession:
             cached = None
             if self.cache is not None:
                 cached = self.cache.get(self.cache_key(filter_name, attack_id))
+            needs_outcomes = self.spec.statistics is not None
+            if cached is not None and needs_outcomes and any(s.outcomes is None for s in cached):
+                cached = None  # an entry written before outcomes were kept
             if cached is None:
                 t0 = time.perf_counter()
                 cached = self._compute_sweeps(filter_name, attack_id)  # type: ignore[arg-type]
@@ -406,8 +422,75 @@ class AuditSession:
                 self.computed_sweeps += 1
                 if self.cache is not None:
                     self.cache.put(self.cache_key(filter_name, attack_id), cached)
-            self._sweeps[key] = cached
+            self._sweeps[key] = self._with_statistics(key, cached)
         return self._sweeps[key]
+
+    # ----------------------------------------------------------------- statistics
+    @cached_property
+    def _resample_weights(self) -> Any:
+        """One seeded resample of the examples, shared by every sweep (a paired bootstrap)."""
+        assert self.spec.statistics is not None
+        n, resamples = self.prepared.data.n, self.spec.statistics.resamples
+        return resample_weights(resample_indices(n, resamples, self.spec.seed))
+
+    def _with_statistics(
+        self, key: tuple[str, str], sweeps: list[SweepResult]
+    ) -> list[SweepResult]:
+        """The sweeps with their intervals and label probabilities, when the spec asks."""
+        stats = self.spec.statistics
+        if stats is None or any(s.outcomes is None for s in sweeps):
+            return sweeps
+        t0 = time.perf_counter()
+        tolerance = self.spec.filtering.tolerance
+        draws = [
+            bootstrap_sweep(s.outcomes, s.removed_fraction, self._resample_weights, tolerance)
+            for s in sweeps
+            if s.outcomes is not None
+        ]
+        self._draws[key] = draws
+        out = [
+            replace(s, statistics=sweep_statistics(s.outcomes, d, stats.confidence))
+            for s, d in zip(sweeps, draws, strict=True)
+            if s.outcomes is not None
+        ]
+        self.timings["statistics"] = self.timings.get("statistics", 0.0) + (
+            time.perf_counter() - t0
+        )
+        return out
+
+    def sweep_draws(self, filter_name: str, attack_id: str) -> list[SweepDraws]:
+        """Each sweep's bootstrap draws, aligned with ``sweeps(filter_name, attack_id)``."""
+        sweeps = self.sweeps(filter_name, attack_id)
+        draws = self._draws.get((filter_name, attack_id))
+        if draws is None:
+            raise AuditError(
+                f"statistics: the sweeps of {filter_name} under {attack_id} kept no per-example "
+                "outcomes (filtering.fast's batched passes do not), so they have no intervals"
+            )
+        assert len(draws) == len(sweeps)
+        return draws
+
+    def clean_accuracy_interval(self) -> list[float] | None:
+        """Wilson interval of the unfiltered clean accuracy; None without ``statistics:``."""
+        stats = self.spec.statistics
+        if stats is None:
+            return None
+        return accuracy_interval(self.clean_accuracy(), self.prepared.data.n, stats.confidence)
+
+    def with_interval(self, attack: AttackResult) -> AttackResult:
+        """``attack`` with the Wilson interval of its accuracy, when the spec asks for them."""
+        stats = self.spec.statistics
+        if stats is None:
+            return attack
+        n = self.prepared.data.n
+        return replace(attack, accuracy_ci=accuracy_interval(attack.accuracy, n, stats.confidence))
+
+    def sampling(self) -> Sampling | None:
+        """What the checks need for intervals and decisions; None without ``statistics:``."""
+        stats = self.spec.statistics
+        if stats is None:
+            return None
+        return Sampling(stats.confidence, stats.decide, self.prepared.data.n, self.sweep_draws)
 
     def _evaluator(self, attack_id: str) -> tuple[Evaluator, tuple[float, float]]:
         """The attack's evaluator and the unfiltered network's (clean, adversarial) accuracy.
@@ -428,6 +511,7 @@ class AuditSession:
                 fast=self.spec.filtering.fast,
             )
             self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
+            self._unfiltered_outcomes[attack_id] = evaluator.last_outcomes
         return self._evaluators[attack_id]
 
     def _ordering(self, scope: str | None, tensors: list[torch.Tensor]) -> SortedScope:
@@ -469,6 +553,7 @@ class AuditSession:
                         value_range=filtering.range if scope == "global" else None,
                         ordering=self._ordering(layer_name, tensors),
                         on_variant=partial(self.on_variant, where) if self.on_variant else None,
+                        unfiltered_outcomes=self._unfiltered_outcomes.get(attack_id),
                     )
                 scored = score_curves(
                     curves.clean_accuracy,
@@ -497,9 +582,23 @@ class AuditSession:
                         layers=[layer.name for layer in layers] if scope == "global" else [],
                         evaluated_variants=curves.evaluated_variants,
                         inert_thresholds=curves.inert_thresholds,
+                        outcomes=self._outcomes_of(curves, attack_id),
                     )
                 )
         return results
+
+    def _outcomes_of(self, curves: Any, attack_id: str) -> SweepOutcomes | None:
+        """The sweep's per-example outcomes, packed, with the unfiltered network's."""
+        unfiltered = self._unfiltered_outcomes.get(attack_id)
+        if curves.outcomes is None or unfiltered is None:
+            return None
+        return SweepOutcomes(
+            self.prepared.data.n,
+            np.stack([clean for clean, _ in curves.outcomes]),
+            np.stack([adversarial for _, adversarial in curves.outcomes]),
+            unfiltered[0],
+            unfiltered[1],
+        )
 
     # ----------------------------------------------------------------- regression checks
     def scope_members(self) -> Members:
@@ -533,6 +632,8 @@ class AuditSession:
             for s in self.sweeps(f, a.id)
         ]
         p = self.prepared
+        stats = spec.statistics
+        attacks = [self.with_interval(a) for a in attacks]
         return ModelResult(
             name=spec.name,
             checkpoint_sha256=p.loaded.checkpoint_sha256,
@@ -550,6 +651,8 @@ class AuditSession:
             tolerance=spec.filtering.tolerance,
             values=spec.filtering.values,
             adversarial_source=spec.filtering.adversarial_source,
+            clean_accuracy_ci=self.clean_accuracy_interval(),
+            statistics=None if stats is None else stats.model_dump(mode="json"),
         )
 
     def meta(self, seconds: float) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class DiskSweepCache:
 
     def put(self, key: str, sweeps: list[SweepResult]) -> None:
         # NaN is allowed on purpose: a score can be undefined, and Python reads it back exactly.
-        body = json.dumps([asdict(s) for s in sweeps], sort_keys=True, separators=(",", ":"))
+        body = json.dumps([_encoded(s) for s in sweeps], sort_keys=True, separators=(",", ":"))
         entry = {"format": CACHE_FORMAT, "key": key, "sha256": _digest(body), "payload": body}
         try:
             atomic_write_text(self.path_for(key), json.dumps(entry) + "\n")
@@ -99,6 +99,13 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
         # Viewed as bytes, so every dtype (bfloat16 and bool included) hashes what it stores.
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _encoded(sweep: SweepResult) -> dict[str, Any]:
+    """A sweep's JSON form, its per-example outcomes as packed, base64-encoded bits."""
+    item = asdict(sweep)
+    item["outcomes"] = None if sweep.outcomes is None else sweep.outcomes.to_json()
+    return item
 
 
 def _digest(body: str) -> str:

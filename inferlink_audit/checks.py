@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from .errors import AuditError, UnsupportedError
 from .results import (
     RESPONSES,
@@ -28,6 +30,16 @@ from .results import (
 )
 from .scores import Members, fragile_fraction
 from .spec import AuditSpec
+from .statistics import (
+    Direction,
+    Sampling,
+    SweepDraws,
+    accuracy_interval,
+    decide,
+    fragile_fraction_draws,
+    percentile_interval,
+    targeted_count_draws,
+)
 
 MODEL_CHECKS = ("min_clean_accuracy", "max_lipschitz_upper_bound", "min_adversarial_gain")
 ATTACK_CHECKS = ("min_adversarial_accuracy",)
@@ -324,14 +336,111 @@ EVALUATORS: dict[str, Evaluator] = {
 
 
 def evaluate_check(planned: PlannedCheck, measurements: Measurements) -> CheckResult:
-    """Measure what ``planned`` needs (computed lazily, once) and compare it with its limit."""
+    """Measure what ``planned`` needs (computed lazily, once) and compare it with its limit;
+    with ``statistics:``, give the measured value its interval and decide as the spec says."""
     evaluator = EVALUATORS.get(planned.check)
     if evaluator is None:
         raise UnsupportedError(
             f"check {planned.check!r} is validated but not supported yet in this version; "
             "remove it from 'checks' to run the audit."
         )
-    return evaluator(planned, measurements)
+    result = evaluator(planned, measurements)
+    # Measurements without ``sampling`` (no statistics) keep today's decision exactly.
+    sampling: Sampling | None = getattr(measurements, "sampling", lambda: None)()
+    if sampling is None or planned.check not in DIRECTIONS:
+        return result
+    return decided(planned, result, interval_of(planned, result, measurements, sampling), sampling)
+
+
+# --------------------------------------------------------------------------- intervals
+# Which side of its limit each check's measured value must stay on.
+DIRECTIONS: dict[str, Direction] = {
+    "min_clean_accuracy": "min",
+    "min_adversarial_accuracy": "min",
+    "min_adversarial_gain": "min",
+    "max_lipschitz_upper_bound": "max",
+    "max_fragile_fraction": "max",
+    "max_targeted_layers": "max",
+    "no_new_fragile_layers": "max",
+    "max_score_drop": "max",
+}
+
+
+def _local_draws(
+    planned: PlannedCheck, m: Measurements, sampling: Sampling
+) -> list[tuple[SweepResult, SweepDraws]]:
+    sweeps = _sweeps_of(planned, m)
+    draws = sampling.draws(planned.filter or "", planned.attack or "")
+    return [(s, d) for s, d in zip(sweeps, draws, strict=True) if s.scope == "local"]
+
+
+def _regression_draws(planned: PlannedCheck, m: Measurements, sampling: Sampling) -> np.ndarray:
+    """``regression_check``'s measured value under each resample (the baseline is fixed)."""
+    sweeps = _sweeps_of(planned, m)
+    draws = dict(
+        zip(
+            (id(s) for s in sweeps),
+            sampling.draws(planned.filter or "", planned.attack or ""),
+            strict=True,
+        )
+    )
+    pairs = _paired(planned, sweeps, m.baseline_model())
+    if planned.check == "no_new_fragile_layers":
+        counts = [
+            draws[id(s)].fragile(response)
+            for s, old in pairs
+            for response in RESPONSES
+            if old is None or getattr(old.labels, response) != "fragile"
+        ]
+        return np.asarray(np.sum(counts, axis=0, dtype=np.float64)) if counts else np.zeros(1)
+    drops = [
+        getattr(old.scores, response) - draws[id(s)].scores[response]
+        for s, old in pairs
+        if old is not None
+        for response in ("clean", "adversarial", "difference")
+    ]
+    return np.max(drops, axis=0)
+
+
+def interval_of(
+    planned: PlannedCheck, result: CheckResult, m: Measurements, sampling: Sampling
+) -> list[float] | None:
+    """The interval of ``result.measured`` at the sampling's confidence; None when the value
+    is not a sample of the test set (the Lipschitz bound) or cannot be resampled here."""
+    confidence, check = sampling.confidence, planned.check
+    if check in ("min_clean_accuracy", "min_adversarial_accuracy"):
+        return accuracy_interval(result.measured, sampling.n, confidence)
+    if check == "max_fragile_fraction":
+        pairs = _local_draws(planned, m, sampling)
+        draws = fragile_fraction_draws(
+            [d for _, d in pairs], [s.numel for s, _ in pairs], planned.response
+        )
+        return percentile_interval(draws, confidence)
+    if check == "max_targeted_layers":
+        draws = targeted_count_draws([d for _, d in _local_draws(planned, m, sampling)])
+        return percentile_interval(draws, confidence)
+    if check in ("no_new_fragile_layers", "max_score_drop"):
+        return percentile_interval(_regression_draws(planned, m, sampling), confidence)
+    return None
+
+
+def decided(
+    planned: PlannedCheck, result: CheckResult, ci: list[float] | None, sampling: Sampling
+) -> CheckResult:
+    """``result`` with its interval, decided by ``statistics.decide``; the detail says the
+    interval and whether the decision is certain at the confidence."""
+    direction = DIRECTIONS[planned.check]
+    passed, certain = decide(result.measured, planned.limit, ci, direction, sampling.decide)
+    if ci is None:
+        return replace(result, passed=passed)
+    digits = 0 if planned.check in ("max_targeted_layers", "no_new_fragile_layers") else 2
+    shown = f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    detail = f"{result.detail}; {sampling.confidence:.0%} interval {shown}"
+    if not certain:
+        detail += ", uncertain"
+    if sampling.decide != "estimate":
+        detail += f" ({sampling.decide})"
+    return replace(result, passed=passed, detail=detail, ci=ci, certain=certain)
 
 
 # --------------------------------------------------------------------------- regression checks

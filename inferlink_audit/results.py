@@ -7,11 +7,14 @@ bump ``SCHEMA`` on a breaking change. Fields beyond §2.5 are additions, never r
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import AuditError
 from .fileio import atomic_write_text
@@ -43,6 +46,7 @@ class AttackResult:
     distortion_l2: float = 0.0
     successes: int | None = None  # None in files written before it was recorded
     distortion_over: str = "all"
+    accuracy_ci: list[float] | None = None  # Wilson interval, with ``statistics:`` only
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,85 @@ class Scores:
 class Labels:
     clean: Label
     adversarial: Label
+
+
+class SweepOutcomes:
+    """Which examples each threshold's variant classified correctly, clean and adversarial.
+
+    Rows follow the sweep's thresholds (a threshold that zeroes nothing repeats the unfiltered
+    network's row); bits are packed eight examples to a byte (``np.packbits``), so 1,650
+    variants of a 10,000-example test set take a few MB. Kept in memory and in the sweep
+    cache, never in results.json: the statistics are computed from them without new passes.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        clean: np.ndarray,
+        adversarial: np.ndarray,
+        unfiltered_clean: np.ndarray,
+        unfiltered_adversarial: np.ndarray,
+    ) -> None:
+        self.n = n
+        self.clean, self.adversarial = clean, adversarial  # (thresholds, ceil(n / 8)) uint8
+        self.unfiltered_clean = unfiltered_clean  # (ceil(n / 8),) uint8
+        self.unfiltered_adversarial = unfiltered_adversarial
+
+    def unpacked(self, packed: np.ndarray) -> np.ndarray:
+        """The bits of ``packed`` (one of this object's arrays) as booleans, examples last."""
+        return np.unpackbits(packed, axis=-1, count=self.n).astype(bool)
+
+    def to_json(self) -> dict[str, Any]:
+        def text(a: np.ndarray) -> str:
+            return base64.b64encode(np.ascontiguousarray(a, dtype=np.uint8).tobytes()).decode()
+
+        return {
+            "n": self.n,
+            "thresholds": int(self.clean.shape[0]),
+            "clean": text(self.clean),
+            "adversarial": text(self.adversarial),
+            "unfiltered_clean": text(self.unfiltered_clean),
+            "unfiltered_adversarial": text(self.unfiltered_adversarial),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SweepOutcomes:
+        n, rows = int(data["n"]), int(data["thresholds"])
+        width = (n + 7) // 8
+
+        def array(key: str, shape: tuple[int, ...]) -> np.ndarray:
+            raw = np.frombuffer(base64.b64decode(data[key], validate=True), dtype=np.uint8)
+            return raw.reshape(shape).copy()
+
+        return cls(
+            n,
+            array("clean", (rows, width)),
+            array("adversarial", (rows, width)),
+            array("unfiltered_clean", (width,)),
+            array("unfiltered_adversarial", (width,)),
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SweepOutcomes:
+        return self  # immutable in use; ``asdict`` need not copy the bits
+
+
+@dataclass(frozen=True)
+class SweepStatistics:
+    """How sure a sweep's numbers are (``statistics:`` in the spec; docs/method.md).
+
+    Accuracy intervals are Wilson score intervals; the others are percentile intervals of a
+    paired bootstrap over examples. ``label_probability`` is, per response, the fraction of
+    resamples giving each label; ``targeted_probability`` the fraction flagging the scope.
+    """
+
+    confidence: float
+    resamples: int
+    clean_accuracy_ci: list[list[float]]
+    adversarial_accuracy_ci: list[list[float]]
+    scores_ci: dict[str, list[float]]
+    antifragile_area_ci: dict[str, list[float]]
+    label_probability: dict[str, dict[str, float]]
+    targeted_probability: float
 
 
 @dataclass(frozen=True)
@@ -85,6 +168,10 @@ class SweepResult:
     # to the unfiltered network's: the filter did not act there (a bypassed layer). A finding,
     # shown in the report and the summary; it does not fail a check by itself.
     inert_thresholds: list[float] = field(default_factory=list)
+    # With ``statistics:`` in the spec: intervals and label probabilities (absent otherwise).
+    statistics: SweepStatistics | None = None
+    # Per-example outcomes (memory and sweep cache only; never written to results.json).
+    outcomes: SweepOutcomes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -114,6 +201,10 @@ class CheckResult:
     check: str = ""  # the check's key, e.g. "max_fragile_fraction"
     line: int | None = None  # the check's line in the spec
     layers: list[str] = field(default_factory=list)  # the layers that caused a failure
+    # With ``statistics:`` only: the interval of ``measured`` (None where nothing is sampled,
+    # e.g. the Lipschitz bound) and whether the decision holds across the whole interval.
+    ci: list[float] | None = None
+    certain: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +225,8 @@ class ModelResult:
     tolerance: float = 0.05
     values: str = "signed"
     adversarial_source: str = "filtered"
+    clean_accuracy_ci: list[float] | None = None  # Wilson interval, with ``statistics:`` only
+    statistics: dict[str, Any] | None = None  # confidence, resamples, decide, when asked for
 
 
 @dataclass(frozen=True)
@@ -159,8 +252,27 @@ def _finite(value: Any) -> Any:
     return value
 
 
+# Optional fields of the statistics: written only when set, so a spec without ``statistics``
+# writes exactly the results.json it always did.
+_OPTIONAL = ("statistics", "ci", "certain", "accuracy_ci", "clean_accuracy_ci")
+
+
+def _without_unset(item: dict[str, Any]) -> dict[str, Any]:
+    item.pop("outcomes", None)
+    return {k: v for k, v in item.items() if not (k in _OPTIONAL and v is None)}
+
+
+def sweep_to_dict(sweep: SweepResult) -> dict[str, Any]:
+    """A sweep's results.json form (its per-example outcomes left out)."""
+    return _without_unset(asdict(sweep))
+
+
 def result_to_dict(result: AuditResult) -> dict[str, Any]:
     data = asdict(result)
+    for model in data["models"]:
+        for key in ("sweeps", "checks", "attacks"):
+            model[key] = [_without_unset(item) for item in model[key]]
+    data["models"] = [_without_unset(model) for model in data["models"]]
     ordered = {"schema": data.pop("schema"), "meta": data.pop("meta"), "models": data.pop("models")}
     if data.get("consistency") is not None:
         ordered["consistency"] = data["consistency"]
@@ -203,6 +315,8 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                 tolerance=m.get("tolerance", 0.05),
                 values=m.get("values", "signed"),
                 adversarial_source=m.get("adversarial_source", "filtered"),
+                clean_accuracy_ci=m.get("clean_accuracy_ci"),
+                statistics=m.get("statistics"),
             )
         )
     return AuditResult(meta=data["meta"], models=models, consistency=data.get("consistency"))
@@ -214,6 +328,10 @@ def sweep_from_dict(s: dict[str, Any]) -> SweepResult:
     s["labels"] = Labels(**s["labels"])
     if "antifragile_area" in s:
         s["antifragile_area"] = Scores(**s["antifragile_area"])
+    if s.get("statistics") is not None:
+        s["statistics"] = SweepStatistics(**s["statistics"])
+    if s.get("outcomes") is not None:
+        s["outcomes"] = SweepOutcomes.from_json(s["outcomes"])
     return SweepResult(**s)
 
 

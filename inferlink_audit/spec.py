@@ -333,6 +333,14 @@ class ReportSpec(_Strict):
     dir: Path = Path("inferlink-report")
 
 
+class StatisticsSpec(_Strict):
+    """How sure each number and decision is (opt-in; docs/method.md). The seed is the spec's."""
+
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    resamples: Annotated[int, Field(ge=100, le=100_000)] = 1000
+    decide: Literal["estimate", "strict", "lenient"] = "estimate"
+
+
 # --------------------------------------------------------------------------- the audit
 class AuditSpec(_Strict):
     """A whole audit: one model, its test set, the stress to apply and the checks to assert."""
@@ -352,6 +360,7 @@ class AuditSpec(_Strict):
     compare: list[Path] = Field(default_factory=list)
     remediation: RemediationSpec | None = None
     report: ReportSpec = Field(default_factory=ReportSpec)
+    statistics: StatisticsSpec | None = None
 
     # Set by the loader: where the spec came from, so errors and reports can point into it.
     _source_path: Path | None = PrivateAttr(default=None)

@@ -30,6 +30,8 @@ from .errors import IntegrityError
 from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
 from .prefix import NetworkSplitter, live_bytes
 
+Bits = tuple[np.ndarray, np.ndarray]  # (clean, adversarial) correctness, ``np.packbits``-packed
+
 # Variants that zero at most this many elements are recognised across scopes by the elements
 # they zero (a scope's extreme thresholds often zero the same few weights); larger ones by their
 # run of the scope's sorted values.
@@ -175,6 +177,10 @@ class Evaluator:
         # Responses of variants already evaluated, by the elements they zero. Exact mode only:
         # under ``fast`` a variant's response depends on the path that computed it.
         self.memo: dict[Hashable, tuple[float, float]] | None = None if fast else {}
+        # Per-example outcomes (packed bits, clean and adversarial) of the last evaluation and
+        # of every memoised variant, for the statistics (``statistics.py``).
+        self.last_outcomes: Bits | None = None
+        self.memo_outcomes: dict[Hashable, Bits] = {}
         self.memo_hits = 0
         # The unfiltered network's clean logits per batch, kept to recognise a variant whose
         # logits stay bit-identical although it zeroes nonzero weights: a filter that did not
@@ -271,7 +277,8 @@ class Evaluator:
         return nullcontext()
 
     def _evaluate(self) -> tuple[float, float]:
-        clean = adversarial = 0
+        clean_ok: list[torch.Tensor] = []
+        adversarial_ok: list[torch.Tensor] = []
         unchanged = True
         prefix = self._prefix
         for index, xb, yb in self.data.batches():
@@ -280,8 +287,8 @@ class Evaluator:
                 with torch.inference_mode():
                     logits = prefix.suffix(*live_clean)
                     unchanged = unchanged and self._unchanged(index, logits)
-                    clean += _correct(logits, yb)
-                    adversarial += _correct(prefix.suffix(*live_adv), yb)
+                    clean_ok.append(logits.argmax(dim=1) == yb)
+                    adversarial_ok.append(prefix.suffix(*live_adv).argmax(dim=1) == yb)
                 continue
             if prefix is not None and prefix.graphs is not None:
                 assert isinstance(self.attack, FGSM)
@@ -300,10 +307,14 @@ class Evaluator:
                 if clean_logits is None:
                     clean_logits = self.model(xb)
                 unchanged = unchanged and self._unchanged(index, clean_logits)
-                clean += _correct(clean_logits, yb)
-                adversarial += _correct(self.model(x_adv), yb)
+                clean_ok.append(clean_logits.argmax(dim=1) == yb)
+                adversarial_ok.append(self.model(x_adv).argmax(dim=1) == yb)
         self.last_unchanged = unchanged
-        return clean / self.data.n, adversarial / self.data.n
+        clean_bits = torch.cat(clean_ok).cpu().numpy()
+        adversarial_bits = torch.cat(adversarial_ok).cpu().numpy()
+        self.last_outcomes = (np.packbits(clean_bits), np.packbits(adversarial_bits))
+        n = self.data.n
+        return int(clean_bits.sum()) / n, int(adversarial_bits.sum()) / n
 
 
 @dataclass
@@ -319,6 +330,9 @@ class Curves:
     # Thresholds whose variant zeroed nonzero weights yet left every clean logit bit-identical
     # to the unfiltered network's: the filter did not act there (see ``Evaluator``).
     inert_thresholds: list[float] = field(default_factory=list)
+    # Per threshold, the variant's packed per-example outcomes; None when some variant was
+    # evaluated without them (``filtering.fast``'s batched passes).
+    outcomes: list[Bits] | None = None
 
 
 @dataclass
@@ -454,11 +468,13 @@ def sweep_scope(
     value_range: tuple[float, float] | None = None,
     ordering: SortedScope | None = None,
     on_variant: Callable[[], None] | None = None,
+    unfiltered_outcomes: Bits | None = None,
 ) -> Curves:
     """Evaluate the network at every threshold of ``filter_name`` over the scope ``tensors``.
 
     ``unfiltered`` is the (clean, adversarial) accuracy of the unfiltered network, reused for
-    every threshold that zeroes nothing. ``ordering`` is the scope's sorted values when the
+    every threshold that zeroes nothing (``unfiltered_outcomes``: its per-example outcomes).
+    ``ordering`` is the scope's sorted values when the
     caller already has them (they do not depend on the filter or the attack). The tensors are restored bit-exactly before returning,
     also when an exception interrupts the sweep.
     """
@@ -471,6 +487,7 @@ def sweep_scope(
     distinct = list(dict.fromkeys(iv for iv in intervals if iv[1] > iv[0]))
     scope = ScopeWorkingCopy(tensors)
     seen: dict[tuple[int, int], tuple[float, float]] = {}
+    seen_bits: dict[tuple[int, int], Bits] = {}
     inert: set[tuple[int, int]] = set()
     try:
         batched = evaluator.batched_evaluation(tensors)
@@ -489,6 +506,8 @@ def sweep_scope(
                 key = scope.variant_key(order, start, stop, values) if memo is not None else None
                 if memo is not None and key in memo:
                     seen[(start, stop)] = memo[key]
+                    if key in evaluator.memo_outcomes:
+                        seen_bits[(start, stop)] = evaluator.memo_outcomes[key]
                     evaluator.memo_hits += 1
                     if key in evaluator.inert_variants:
                         inert.add((start, stop))
@@ -496,6 +515,8 @@ def sweep_scope(
                     scope.move(order, applied, (start, stop))
                     applied = (start, stop)
                     seen[(start, stop)] = evaluator.evaluate()
+                    if evaluator.last_outcomes is not None:
+                        seen_bits[(start, stop)] = evaluator.last_outcomes
                     # Zeroing weights that are already 0.0 changes nothing by construction.
                     s = ordering.sorted_values
                     if evaluator.last_unchanged and not s[start] == s[stop - 1] == 0:
@@ -503,6 +524,8 @@ def sweep_scope(
                         evaluator.inert_variants.add(key)
                     if memo is not None:
                         memo[key] = seen[(start, stop)]
+                        if evaluator.last_outcomes is not None:
+                            evaluator.memo_outcomes[key] = evaluator.last_outcomes
                 if on_variant is not None:
                     on_variant()
     finally:
@@ -511,6 +534,7 @@ def sweep_scope(
     clean = [r[0] for r in responses]
     adversarial = [r[1] for r in responses]
     removed = [(stop - start) / ordering.numel for start, stop in intervals]
+    bits = [seen_bits.get(iv) if iv in seen else unfiltered_outcomes for iv in intervals]
     return Curves(
         thresholds=[float(a) for a in grid],
         removed_fraction=removed,
@@ -519,4 +543,5 @@ def sweep_scope(
         evaluated_variants=len(seen),
         numel=ordering.numel,
         inert_thresholds=[float(a) for a, iv in zip(grid, intervals, strict=True) if iv in inert],
+        outcomes=None if any(b is None for b in bits) else [b for b in bits if b is not None],
     )

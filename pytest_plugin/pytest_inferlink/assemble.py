@@ -24,7 +24,14 @@ from inferlink_audit.checks import (
 )
 from inferlink_audit.compare import label_consistency
 from inferlink_audit.errors import AuditError
-from inferlink_audit.results import SCHEMA, AuditResult, CheckResult, SweepResult, result_from_dict
+from inferlink_audit.results import (
+    SCHEMA,
+    AuditResult,
+    CheckResult,
+    SweepResult,
+    result_from_dict,
+    sweep_to_dict,
+)
 
 if TYPE_CHECKING:
     from inferlink_audit.audit import AuditSession
@@ -152,6 +159,11 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
     lipschitz = None
     with contextlib.suppress(AuditError):
         lipschitz = asdict(session.lipschitz)
+    statistics: dict[str, Any] = {}  # only with ``statistics:``, so results.json is unchanged
+    if spec.statistics is not None:
+        with contextlib.suppress(AuditError):
+            statistics["clean_accuracy_ci"] = session.clean_accuracy_interval()
+        statistics["statistics"] = spec.statistics.model_dump(mode="json")
     return {
         "name": spec.name,
         "checkpoint_sha256": prepared.loaded.checkpoint_sha256,
@@ -165,6 +177,7 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
         "tolerance": spec.filtering.tolerance,
         "values": spec.filtering.values,
         "adversarial_source": spec.filtering.adversarial_source,
+        **statistics,
         "lipschitz": lipschitz,
         "remediation": session.computed_remediation,
     }
@@ -192,13 +205,13 @@ def build_payload(
         # The attack on the unfiltered network is cheap next to a sweep, and the report's
         # attack table needs it even where no check asserts on it.
         with contextlib.suppress(AuditError):
-            attacks.append(asdict(session.attack_result(planned.attack)))
+            attacks.append(asdict(session.with_interval(session.attack_result(planned.attack))))
         if planned.filter is not None:
-            sweeps = [asdict(s) for s in session.sweeps(planned.filter, planned.attack)]
+            sweeps = [sweep_to_dict(s) for s in session.sweeps(planned.filter, planned.attack)]
     if error is None and planned.check in (REMEDIATION_ONLY, "min_adversarial_gain"):
         # Selective retraining labelled every layer under every filter and attack first.
         sweeps = [
-            asdict(s)
+            sweep_to_dict(s)
             for f in spec.filtering.filters
             for a in spec.attack_specs
             for s in session.sweeps(f, a.id)

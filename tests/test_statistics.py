@@ -1,0 +1,336 @@
+"""Statistics (issue 10, items 1-3): per-example outcomes, intervals and decisions on them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inferlink_audit.audit import AuditSession, run_audit
+from inferlink_audit.cache import DiskSweepCache
+from inferlink_audit.checks import PlannedCheck, evaluate_check
+from inferlink_audit.results import (
+    AttackResult,
+    AuditResult,
+    ModelResult,
+    SweepOutcomes,
+    read_results,
+    result_to_dict,
+    write_results,
+)
+from inferlink_audit.scores import integrate, score_curves
+from inferlink_audit.spec import StatisticsSpec
+from inferlink_audit.spec_loader import load_spec
+from inferlink_audit.statistics import (
+    LABELS,
+    Sampling,
+    accuracy_interval,
+    bootstrap_sweep,
+    decide,
+    percentile_interval,
+    resample_indices,
+    resample_weights,
+    wilson_interval,
+)
+
+from .specs import write_spec
+
+
+def _outcomes(clean: np.ndarray, adversarial: np.ndarray, c0: np.ndarray, a0: np.ndarray):
+    return SweepOutcomes(
+        clean.shape[1],
+        np.packbits(clean, axis=-1),
+        np.packbits(adversarial, axis=-1),
+        np.packbits(c0),
+        np.packbits(a0),
+    )
+
+
+def _nested_outcomes(
+    difficulty: np.ndarray, clean_truth: np.ndarray, adversarial_truth: np.ndarray
+) -> SweepOutcomes:
+    """Example i is correct at threshold t when its difficulty is below the true accuracy
+    there: a coherent curve family whose expected accuracies are exactly the truths."""
+    clean = difficulty[None, :] < clean_truth[1:, None]
+    adversarial = difficulty[None, :] < adversarial_truth[1:, None]
+    return _outcomes(
+        clean, adversarial, difficulty < clean_truth[0], difficulty < adversarial_truth[0]
+    )
+
+
+# --------------------------------------------------------------------------- intervals
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.93])
+def test_wilson_intervals_cover_the_true_accuracy_in_about_95_percent_of_test_sets(p):
+    rng = np.random.default_rng(1)
+    n = 200
+    correct = rng.binomial(n, p, size=20_000)
+    lo, hi = wilson_interval(correct, n, 0.95)
+    coverage = float(np.mean((lo <= p) & (p <= hi)))
+    assert 0.93 <= coverage <= 0.975
+
+
+def test_wilson_interval_matches_the_textbook_value():
+    # 81 of 263 at 95 %: Brown, Cai & DasGupta's running example gives (0.2553, 0.3662).
+    lo, hi = wilson_interval(81, 263, 0.95)
+    assert (round(float(lo), 4), round(float(hi), 4)) == (0.2553, 0.3662)
+
+
+def test_bootstrap_intervals_of_the_scores_cover_the_true_scores():
+    """Simulated test sets from a curve family with known truth: φc, φa and φΔ's 95 % paired
+    bootstrap intervals cover the true scores in about 95 % of them."""
+    thresholds = 9
+    removed = np.linspace(0.0, 1.0, thresholds)
+    clean_truth = np.concatenate([[0.9], 0.9 * (1.0 - removed**2)])
+    adversarial_truth = np.concatenate([[0.5], 0.5 * (1.0 - removed)])
+    base = 1.0 - removed
+    true_c = integrate(clean_truth[1:] / clean_truth[0] - base)
+    true_a = integrate(adversarial_truth[1:] / adversarial_truth[0] - base)
+    true_d = true_a - true_c
+    rng = np.random.default_rng(7)
+    covered = np.zeros(3)
+    trials = 300
+    for trial in range(trials):
+        outcomes = _nested_outcomes(rng.random(400), clean_truth, adversarial_truth)
+        weights = resample_weights(resample_indices(400, 500, seed=trial))
+        draws = bootstrap_sweep(outcomes, removed, weights, tolerance=0.05)
+        for k, (key, truth) in enumerate(
+            [("clean", true_c), ("adversarial", true_a), ("difference", true_d)]
+        ):
+            lo, hi = percentile_interval(draws.scores[key], 0.95)
+            covered[k] += lo <= truth <= hi
+    coverage = covered / trials
+    assert np.all((coverage >= 0.88) & (coverage <= 0.99)), coverage
+
+
+def test_paired_bootstrap_matches_a_slow_loop_over_resamples():
+    """Same seed, same numbers: each resample's scores, labels and targeted flag equal what
+    ``score_curves`` gives on the curves of that resample of the examples."""
+    rng = np.random.default_rng(3)
+    n, thresholds, resamples = 40, 6, 60
+    clean = rng.random((thresholds, n)) < np.linspace(0.95, 0.2, thresholds)[:, None]
+    adversarial = rng.random((thresholds, n)) < np.linspace(0.5, 0.1, thresholds)[:, None]
+    c0, a0 = rng.random(n) < 0.95, rng.random(n) < 0.5
+    removed = np.linspace(0.0, 1.0, thresholds)
+    indices = resample_indices(n, resamples, seed=11)
+    draws = bootstrap_sweep(
+        _outcomes(clean, adversarial, c0, a0), removed, resample_weights(indices), 0.05
+    )
+    assert np.array_equal(indices, resample_indices(n, resamples, seed=11))
+    for b, idx in enumerate(indices):
+        slow = score_curves(
+            clean[:, idx].mean(axis=1),
+            adversarial[:, idx].mean(axis=1),
+            removed,
+            clean_reference=c0[idx].mean(),
+            adversarial_reference=a0[idx].mean(),
+            tolerance=0.05,
+        )
+        for key in ("clean", "adversarial", "difference"):
+            assert draws.scores[key][b] == pytest.approx(getattr(slow.scores, key), abs=1e-12)
+        for key in ("clean", "adversarial"):
+            assert LABELS[draws.labels[key][b]] == getattr(slow.labels, key)
+            assert draws.antifragile_area[key][b] == pytest.approx(
+                getattr(slow.antifragile_area, key), abs=1e-12
+            )
+        assert bool(draws.targeted[b]) == slow.targeted
+
+
+# --------------------------------------------------------------------------- decisions
+@pytest.mark.parametrize(
+    ("ci", "mode", "passed", "certain"),
+    [
+        ([0.30, 0.38], "strict", True, True),  # wholly within max 0.40
+        ([0.33, 0.52], "strict", False, False),  # straddles: strict fails
+        ([0.33, 0.52], "lenient", True, False),  # straddles: lenient passes
+        ([0.33, 0.52], "estimate", True, False),  # the estimate 0.39 decides
+        ([0.42, 0.50], "lenient", False, True),  # wholly beyond: even lenient fails
+        ([0.42, 0.50], "estimate", True, True),  # estimate ignores the interval
+    ],
+)
+def test_decide_modes_on_a_max_check(ci, mode, passed, certain):
+    assert decide(0.39, 0.40, ci, "max", mode) == (passed, certain)
+
+
+def test_decide_on_a_min_check_mirrors_the_max_check():
+    assert decide(0.96, 0.95, [0.94, 0.98], "min", "strict") == (False, False)
+    assert decide(0.94, 0.95, [0.93, 0.96], "min", "lenient") == (True, False)
+    assert decide(0.94, 0.95, [0.90, 0.94], "min", "lenient") == (False, True)
+
+
+class _Measured:
+    """Constructed measurements: a clean accuracy and an attack on ``n`` examples."""
+
+    def __init__(self, clean: float, adversarial: float, sampling: Sampling) -> None:
+        self.clean, self.adversarial, self._sampling = clean, adversarial, sampling
+
+    def clean_accuracy(self) -> float:
+        return self.clean
+
+    def attack_result(self, attack_id: str) -> AttackResult:
+        return AttackResult(attack_id, "fgsm", {}, self.adversarial, 0.5, 0.1, 0.1)
+
+    def sampling(self) -> Sampling:
+        return self._sampling
+
+
+def _sampling(mode: Any, n: int = 100) -> Sampling:
+    return Sampling(0.95, mode, n, lambda f, a: [])
+
+
+@pytest.mark.parametrize(
+    ("mode", "passed"), [("estimate", True), ("strict", False), ("lenient", True)]
+)
+def test_a_clean_accuracy_just_above_its_minimum_passes_only_where_the_mode_allows(mode, passed):
+    planned = PlannedCheck("min_clean_accuracy", "min_clean_accuracy", None, None, 0.9, 3, "m")
+    result = evaluate_check(planned, _Measured(0.93, 0.5, _sampling(mode)))  # type: ignore[arg-type]
+    assert result.passed is passed
+    assert result.ci == accuracy_interval(0.93, 100, 0.95)
+    assert result.certain is False
+    assert "95% interval [0.86, 0.97], uncertain" in result.detail
+
+
+def test_lenient_fails_an_adversarial_accuracy_whose_whole_interval_is_below_the_minimum():
+    planned = PlannedCheck(
+        "fgsm-min_adversarial_accuracy", "min_adversarial_accuracy", None, "fgsm", 0.6, 3, "m"
+    )
+    result = evaluate_check(planned, _Measured(0.9, 0.3, _sampling("lenient", n=400)))  # type: ignore[arg-type]
+    assert (result.passed, result.certain) == (False, True)
+    assert result.detail.endswith("(lenient)")
+
+
+# --------------------------------------------------------------------------- the engine
+@pytest.fixture(scope="module")
+def digits_session() -> AuditSession:
+    spec = load_spec(Path(__file__).resolve().parents[1] / "example_audits" / "digits.yaml")
+    filtering = spec.filtering.model_copy(update={"filters": ["low_pass"]})
+    return AuditSession(spec.model_copy(update={"filtering": filtering}), device="cpu")
+
+
+def test_per_example_bits_sum_to_the_reported_accuracies_on_the_digits_example(digits_session):
+    sweeps = digits_session.sweeps("low_pass", "fgsm_eps0.1")
+    n = digits_session.prepared.data.n
+    for sweep in sweeps:
+        outcomes = sweep.outcomes
+        assert outcomes is not None and outcomes.n == n
+        clean = outcomes.unpacked(outcomes.clean).sum(axis=1)
+        adversarial = outcomes.unpacked(outcomes.adversarial).sum(axis=1)
+        assert list(clean / n) == sweep.clean_accuracy
+        assert list(adversarial / n) == sweep.adversarial_accuracy
+        unfiltered = outcomes.unpacked(outcomes.unfiltered_clean).sum() / n
+        assert unfiltered == digits_session.clean_accuracy()
+    attack = digits_session.attack_result("fgsm_eps0.1")
+    assert outcomes.unpacked(outcomes.unfiltered_adversarial).sum() / n == attack.accuracy
+
+
+def test_the_sweep_cache_keeps_per_example_outcomes(digits_session, tmp_path):
+    sweeps = digits_session.sweeps("low_pass", "fgsm_eps0.1")
+    cache = DiskSweepCache(tmp_path)
+    cache.put("ab" * 16, sweeps)
+    back = cache.get("ab" * 16)
+    assert back is not None and cache.hits == 1
+    for before, after in zip(sweeps, back, strict=True):
+        assert after.outcomes is not None and before.outcomes is not None
+        for key in ("clean", "adversarial", "unfiltered_clean", "unfiltered_adversarial"):
+            assert np.array_equal(getattr(after.outcomes, key), getattr(before.outcomes, key))
+    assert back == sweeps  # outcomes aside (compare=False), the sweep reads back equal
+
+
+def test_a_cache_entry_without_outcomes_is_recomputed_when_statistics_are_asked(
+    digits_session, tmp_path
+):
+    spec = digits_session.spec.model_copy(update={"statistics": StatisticsSpec(resamples=200)})
+    cache = DiskSweepCache(tmp_path)
+    stale = [replace(s, outcomes=None) for s in digits_session.sweeps("low_pass", "fgsm_eps0.1")]
+    session = AuditSession(spec, device="cpu", cache=cache)
+    cache.put(session.cache_key("low_pass", "fgsm_eps0.1"), stale)
+    sweeps = session.sweeps("low_pass", "fgsm_eps0.1")
+    assert session.computed_sweeps == 1
+    assert all(s.statistics is not None for s in sweeps)
+
+
+def _strip(value: Any, keys: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_strip(v, keys) for v in value]
+    return value
+
+
+ADDED = ("statistics", "ci", "certain", "accuracy_ci", "clean_accuracy_ci")
+
+
+def test_statistics_are_opt_in_and_leave_every_number_as_it_was(tmp_path):
+    """Without ``statistics:`` results.json has none of its fields; with it, removing them
+    gives the same file (same numbers, same decisions under ``estimate``)."""
+    checks = {
+        "min_clean_accuracy": 0.9,
+        "max_fragile_fraction": 0.4,
+        "max_targeted_layers": 2,
+        "min_adversarial_accuracy": 0.3,
+    }
+    data = {
+        "source": "sklearn_digits",
+        "limit": 120,
+        "batch_size": 50,  # several batches: outcomes are concatenated across them
+        "normalize": {"mean": [0.5], "std": [0.5]},
+    }
+    plain_path = write_spec(tmp_path, "plain.yaml", checks=checks, data=data)
+    stats_path = write_spec(
+        tmp_path, "stats.yaml", checks=checks, data=data, statistics={"resamples": 200}
+    )
+    plain, _, _ = run_audit(load_spec(plain_path))
+    with_stats, _, _ = run_audit(load_spec(stats_path))
+    plain_dict, stats_dict = result_to_dict(plain), result_to_dict(with_stats)
+    for d in (plain_dict, stats_dict):
+        d.pop("meta")
+        d["models"][0].pop("spec_path")
+    assert _strip(plain_dict, ADDED) == plain_dict  # nothing added without statistics
+    assert "outcomes" not in str(plain_dict) and "outcomes" not in str(stats_dict)
+    # Each check's detail gains its interval after today's text.
+    plain_checks, stats_checks = (
+        plain_dict["models"][0]["checks"],
+        stats_dict["models"][0]["checks"],
+    )
+    for before, after in zip(plain_checks, stats_checks, strict=True):
+        assert after["detail"].startswith(before["detail"] + "; 95% interval [")
+        after["detail"] = before["detail"]
+    assert _strip(stats_dict, ADDED) == plain_dict
+    model = stats_dict["models"][0]
+    assert model["statistics"] == {"confidence": 0.95, "resamples": 200, "decide": "estimate"}
+    assert all(len(c["ci"]) == 2 and c["certain"] in (True, False) for c in model["checks"])
+    sweep = model["sweeps"][0]["statistics"]
+    assert set(sweep["label_probability"]["clean"]) == set(LABELS)
+    assert sum(sweep["label_probability"]["adversarial"].values()) == pytest.approx(1.0)
+    for key in ("clean", "adversarial", "difference"):
+        lo, hi = sweep["scores_ci"][key]
+        assert lo <= hi
+
+
+def test_a_sweep_of_mixed_labels_reports_each_labels_probability():
+    """Constructed outcomes whose clean score sits on the fragile boundary give both labels
+    a substantial probability, and the probabilities sum to one."""
+    rng = np.random.default_rng(5)
+    n, thresholds = 300, 5
+    removed = np.linspace(0.0, 0.8, thresholds)
+    # true clean curve: r = b - 0.05 (φ = -0.05 = -τ), adversarial unchanged
+    clean_truth = np.concatenate([[0.8], 0.8 * (1.0 - removed - 0.05)])
+    adversarial_truth = np.concatenate([[0.5], 0.5 * (1.0 - removed)])
+    outcomes = _nested_outcomes(rng.random(n), clean_truth, adversarial_truth)
+    draws = bootstrap_sweep(outcomes, removed, resample_weights(resample_indices(n, 1000, 0)), 0.05)
+    fragile = float(np.mean(draws.labels["clean"] == 0))
+    robust = float(np.mean(draws.labels["clean"] == 1))
+    assert 0.05 < fragile < 0.95 and fragile + robust == pytest.approx(1.0)
+
+
+def test_results_json_reads_back_the_statistics(digits_session, tmp_path):
+    spec = digits_session.spec.model_copy(update={"statistics": StatisticsSpec(resamples=100)})
+    session = AuditSession(spec, device="cpu")
+    sweeps = session.sweeps("low_pass", "fgsm_eps0.1")
+    model = ModelResult("m", "", 1, 1.0, [], sweeps, None, None, [], clean_accuracy_ci=[0.9, 1.0])
+    path = write_results(AuditResult(meta={}, models=[model]), tmp_path / "results.json")
+    back = read_results(path).models[0]
+    assert back.sweeps == sweeps and back.clean_accuracy_ci == [0.9, 1.0]
+    assert back.sweeps[0].statistics is not None and back.sweeps[0].outcomes is None
