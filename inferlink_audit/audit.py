@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .attacks import Attack, build_attack
+from .attack_builder import build_attack
+from .attacks import Attack
 from .batching import auto_batch_size
 from .cache import tensors_sha256
 from .checks import PlannedCheck, evaluate_check, find_baseline_model, is_check, plan_checks

@@ -257,7 +257,75 @@ class LBFGSSpec(_Strict):
         return f"lbfgs(target={self.target})"
 
 
-AttackSpec = FGSMSpec | PGDSpec | GaussianSpec | LBFGSSpec
+Norm = Literal["linf", "l2"]
+
+
+class APGDSpec(_Strict):
+    """Auto-PGD (Croce & Hein, 2020): step size, momentum and restarts set by the method."""
+
+    eps: Annotated[float, Field(gt=0.0)]
+    norm: Norm = "linf"
+    loss: Literal["ce", "dlr"] = "ce"
+    steps: Annotated[int, Field(ge=1, le=10_000)] = 100
+    restarts: Annotated[int, Field(ge=1, le=100)] = 1
+    targeted: bool = False
+    target_classes: Annotated[int, Field(ge=1, le=1000)] = 9  # top classes tried when targeted
+
+    kind: ClassVar[str] = "apgd"
+
+    @property
+    def id(self) -> str:
+        extra = f"_r{self.restarts}" if self.restarts != 1 else ""
+        if self.targeted:
+            extra += f"_t{self.target_classes}"
+        return f"apgd_{self.loss}_{self.norm}_eps{_fmt(self.eps)}_steps{self.steps}{extra}"
+
+    @property
+    def label(self) -> str:
+        what = f"{self.loss}, targeted" if self.targeted else self.loss
+        return f"apgd-{self.norm}(eps={_fmt(self.eps)}, {what}, steps={self.steps})"
+
+
+class SquareSpec(_Strict):
+    """Square attack (Andriushchenko et al., 2020): score-based, gradient-free, L∞."""
+
+    eps: Annotated[float, Field(gt=0.0)]
+    norm: Literal["linf"] = "linf"
+    queries: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    p_init: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+
+    kind: ClassVar[str] = "square"
+
+    @property
+    def id(self) -> str:
+        return f"square_{self.norm}_eps{_fmt(self.eps)}_q{self.queries}"
+
+    @property
+    def label(self) -> str:
+        return f"square-{self.norm}(eps={_fmt(self.eps)}, queries={self.queries})"
+
+
+class AutoAttackSpec(_Strict):
+    """AutoAttack (Croce & Hein, 2020): an ensemble, the worst case per example."""
+
+    eps: Annotated[float, Field(gt=0.0)]
+    norm: Norm = "linf"
+    version: Literal["standard", "fast"] = "standard"
+
+    kind: ClassVar[str] = "autoattack"
+
+    @property
+    def id(self) -> str:
+        suffix = "_fast" if self.version == "fast" else ""
+        return f"autoattack_{self.norm}_eps{_fmt(self.eps)}{suffix}"
+
+    @property
+    def label(self) -> str:
+        return f"autoattack-{self.norm}(eps={_fmt(self.eps)}, {self.version})"
+
+
+AttackSpec = FGSMSpec | PGDSpec | GaussianSpec | LBFGSSpec | APGDSpec | SquareSpec | AutoAttackSpec
+GRADIENT_ATTACKS = (FGSMSpec, PGDSpec, LBFGSSpec, APGDSpec, AutoAttackSpec)
 
 
 class AttackItem(_Strict):
@@ -267,6 +335,9 @@ class AttackItem(_Strict):
     pgd: PGDSpec | None = None
     gaussian: GaussianSpec | None = None
     lbfgs: LBFGSSpec | None = None
+    apgd: APGDSpec | None = None
+    square: SquareSpec | None = None
+    autoattack: AutoAttackSpec | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AttackItem:

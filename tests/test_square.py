@@ -1,0 +1,88 @@
+"""The Square attack: its ε, its box and its query budget, its schedule, and its reach on a
+linear model whose worst case is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from inferlink_audit.errors import UnsupportedError
+from inferlink_audit.spec import SquareSpec
+from inferlink_audit.square import Square, square_fraction
+
+from .test_apgd import WIDE_BOX, inputs, linear_model, predicted_correct, robust_by_closed_form
+
+
+class Counting(nn.Module):
+    """Counts the examples every forward pass sees (one query each) and refuses gradients."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert not torch.is_grad_enabled(), "a black-box attack asked for a gradient"
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
+def test_square_respects_its_eps_box_and_query_budget():
+    model = Counting(linear_model(5))
+    x, y = inputs(60), torch.arange(60) % 5
+    attack = Square(SquareSpec(eps=0.05, queries=40), (0.0, 1.0), 0)
+    with torch.no_grad():
+        active = model(x).argmax(1) == y
+    model.rows = 0
+    adversarial, used = attack.perturb(model, x, y, active, offset=0)
+    assert (adversarial - x).abs().max() <= 0.05 + 1e-7
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    assert used.max() <= 40 and model.rows == int(used.sum())
+    assert torch.equal(adversarial[~active], x[~active]) and used[~active].eq(0).all()
+    # Through the attack interface: one clean pass more, nothing else.
+    model.rows = 0
+    attack(model, x, y)
+    assert model.rows == 60 + int(used.sum())
+
+
+def test_square_finds_the_worst_case_of_a_binary_linear_model():
+    model, x = linear_model(2), inputs(100) - 0.5
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 0.06
+    robust, worst = robust_by_closed_form(model, x, y, eps, "linf")
+    assert 0 < robust.sum() < len(y)
+    clear = worst.abs() > 1e-3
+    adversarial = Square(SquareSpec(eps=eps, queries=300), WIDE_BOX, 0)(model, x, y).adversarial
+    assert torch.equal(predicted_correct(model, adversarial, y)[clear], robust[clear])
+
+
+def test_square_schedule_halves_the_window_at_the_published_iterations():
+    assert square_fraction(0.8, 0, 10_000) == 0.8
+    assert square_fraction(0.8, 11, 10_000) == 0.4
+    assert square_fraction(0.8, 9000, 10_000) == 0.8 / 512
+    # Rescaled to the budget: step 100 of 1000 is step 1000 of 10 000, the last at p/16.
+    assert square_fraction(0.8, 100, 1000) == 0.8 / 16
+    assert square_fraction(0.8, 101, 1000) == 0.8 / 32
+
+
+def test_square_example_is_the_same_in_any_batch():
+    model, x = linear_model(5), inputs(100)
+    y = torch.arange(100) % 5
+    attack = Square(SquareSpec(eps=0.1, queries=30), (0.0, 1.0), 2)
+    whole = attack(model, x, y).adversarial
+    parts = torch.cat(
+        [
+            attack(model, x[i : i + 33], y[i : i + 33], offset=i).adversarial
+            for i in range(0, 100, 33)
+        ]
+    )
+    assert torch.allclose(whole, parts, atol=1e-6)
+
+
+def test_square_needs_images():
+    model = nn.Linear(6, 3)
+    with pytest.raises(UnsupportedError, match=r"images \[N, C, H, W\]"):
+        Square(SquareSpec(eps=0.1), (0.0, 1.0), 0)(
+            model, torch.rand(4, 6), torch.zeros(4, dtype=torch.long)
+        )
