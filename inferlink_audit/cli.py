@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--checkpoint", help="the weights: .safetensors, .pt, .pth, .ckpt")
     init.add_argument(
         "--data",
-        help="the test set: a .pt dict {x, y} or .npz, an image folder, sklearn_digits, or "
+        help="(paths relative to the current folder) the test set: a .pt dict {x, y} or .npz, an image folder, sklearn_digits, or "
         "NAME:ROOT (CIFAR10:~/datasets)",
     )
     init.add_argument(
@@ -233,8 +233,8 @@ def _init(args: argparse.Namespace) -> int:
         name=args.name,
         factory=args.factory,
         kwargs=starter.parse_kwargs(args.kwargs),
-        checkpoint=args.checkpoint,
-        data=starter.parse_data(args.data),
+        checkpoint=starter.relative_to_spec(args.checkpoint, args.path),
+        data=starter.parse_data(args.data, args.path),
         input_range=(args.input_range[0], args.input_range[1]),
         normalize=normalize,
         device=args.device,

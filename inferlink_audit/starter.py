@@ -12,6 +12,7 @@ still to edit, which is all the closing message shows.
 from __future__ import annotations
 
 import fnmatch
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import AuditError
+from .spec import DEFAULT_FGSM_EPS
 
 if TYPE_CHECKING:
     from .layers import AnalysedLayer
@@ -103,7 +105,16 @@ def _yaml_value(text: str, given: str) -> Any:
         ) from None
 
 
-def parse_data(text: str | None) -> dict[str, Any] | None:
+def relative_to_spec(path: str | None, spec_path: Path) -> str | None:
+    """A path given on the command line (relative to the current folder, as the shell
+    completes it) rewritten relative to the spec's folder, where the spec resolves it."""
+    if path is None or os.path.isabs(os.path.expanduser(path)) or path.startswith("~"):
+        return path
+    spec_dir = os.path.dirname(os.path.abspath(spec_path))
+    return os.path.relpath(os.path.abspath(path), spec_dir)
+
+
+def parse_data(text: str | None, spec_path: Path) -> dict[str, Any] | None:
     """``--data``: ``sklearn_digits``, a ``.pt``/``.npz`` tensors file, a folder of images
     (``ImageFolder``), or ``CIFAR10:~/datasets`` (a torchvision data set's name and local root)."""
     if text is None:
@@ -112,11 +123,13 @@ def parse_data(text: str | None) -> dict[str, Any] | None:
         return {"source": text, "split": "test"}
     name, sep, root = text.partition(":")
     if sep and name in TORCHVISION_DATASETS and root.strip():
-        return {"source": "torchvision", "name": name, "root": root.strip(), "split": "test"}
+        root = relative_to_spec(root.strip(), spec_path)
+        return {"source": "torchvision", "name": name, "root": root, "split": "test"}
     if Path(text).expanduser().is_dir():
-        return {"source": "torchvision", "name": "ImageFolder", "root": text, "split": "test"}
+        root = relative_to_spec(text, spec_path)
+        return {"source": "torchvision", "name": "ImageFolder", "root": root, "split": "test"}
     if Path(text).suffix.lower() in (".pt", ".pth", ".npz"):
-        return {"source": "tensors", "path": text}
+        return {"source": "tensors", "path": relative_to_spec(text, spec_path)}
     raise AuditError(
         f"--data {text!r} is not a .pt/.npz tensors file, an image folder, sklearn_digits, or "
         f"NAME:ROOT with NAME one of {', '.join(TORCHVISION_DATASETS)}."
@@ -154,7 +167,7 @@ def _number(value: float) -> str:
 def render_spec(options: StarterOptions, layers: LayerChoice | None = None) -> str:
     """The starter spec's text. Line 5 is ``model.factory`` (errors point at it)."""
     lo, hi = options.input_range
-    eps = 0.1 * (hi - lo)
+    eps = DEFAULT_FGSM_EPS * (hi - lo)
     data = options.data or {"source": "sklearn_digits", "split": "test"}
     lines = [
         "# inferlink-audit spec (written by inferlink-audit init): README.md lists every key.",
@@ -190,7 +203,7 @@ def render_spec(options: StarterOptions, layers: LayerChoice | None = None) -> s
         ]
     lines += [
         "attacks:",
-        f"  - fgsm: {{eps: {_number(round(eps, 6))}}}",
+        f"  - fgsm: {{eps: {_number(round(eps, 4))}}}     # 8/255 of the input range",
         "checks:                       # placeholder limits: set what this model must meet",
         "  min_clean_accuracy: 0.90",
         "  min_adversarial_accuracy: 0.30",
@@ -356,7 +369,7 @@ def _time_one_variant(
     from .spec import FGSMSpec
 
     first = spec.attack_specs[0] if spec.attack_specs else None
-    eps = first.eps if isinstance(first, FGSMSpec) else 0.1
+    eps = first.eps if isinstance(first, FGSMSpec) else DEFAULT_FGSM_EPS
     attack = FGSM(FGSMSpec(eps=eps), spec.data.input_range, spec.seed)
     batch = spec.data.batch_size if isinstance(spec.data.batch_size, int) else 256
     module = module.to(device).eval()

@@ -232,12 +232,13 @@ def test_init_writes_a_spec_that_loads_and_refuses_to_overwrite(tmp_path, capsys
     ids=["torchvision-unicode", "quotes-hash", "torchscript-braces", "module-dash"],
 )
 def test_init_writes_the_given_factory_and_checkpoint_so_they_load_back(
-    tmp_path, capsys, factory, checkpoint
+    tmp_path, capsys, monkeypatch, factory, checkpoint
 ):
     from inferlink_audit.spec_loader import load_spec
 
     target = tmp_path / "spéc dir" / "audit: ü.yaml"
     target.parent.mkdir()
+    monkeypatch.chdir(target.parent)  # command-line paths start at the current folder
     argv = ["init", str(target), "--name", "net", "--factory", factory, "--checkpoint", checkpoint]
     assert main(argv) == 0
     assert capsys.readouterr().err == ""
@@ -324,7 +325,8 @@ def test_init_refuses_a_checkpoint_that_does_not_fit_the_model_and_writes_nothin
     assert not target.exists()
 
 
-def test_init_lists_only_what_is_left_to_edit(tmp_path, capsys):
+def test_init_lists_only_what_is_left_to_edit(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     target = tmp_path / "audit.yaml"
     argv = ["init", str(target), "--factory", "models.py:Net", "--checkpoint", "net.safetensors"]
     assert main(argv) == 0
@@ -340,6 +342,25 @@ def test_init_lists_only_what_is_left_to_edit(tmp_path, capsys):
         "estimates the audit's cost",
     ]
     assert "placeholder" not in out  # factory and checkpoint were given
+
+
+def test_init_writes_command_line_paths_relative_to_the_spec_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from inferlink_audit.spec_loader import load_spec
+
+    (tmp_path / "weights").mkdir()
+    shutil.copy(CHECKPOINT, tmp_path / "weights" / "net.safetensors")
+    monkeypatch.chdir(tmp_path)
+    argv = ["init", "specs/audit.yaml", "--factory", "example_audits.digits:DigitsCNN"]
+    argv += ["--checkpoint", "weights/net.safetensors", "--data", "data/test.pt"]
+    (tmp_path / "specs").mkdir()
+    assert main(argv) == 0
+    written = yaml.safe_load((tmp_path / "specs" / "audit.yaml").read_text())
+    assert written["model"]["checkpoint"] == "../weights/net.safetensors"
+    assert written["data"] == {**written["data"], "source": "tensors", "path": "../data/test.pt"}
+    spec = load_spec(tmp_path / "specs" / "audit.yaml")
+    assert spec.model.checkpoint.resolve() == (tmp_path / "weights" / "net.safetensors")
 
 
 def test_merge_combines_runs(tmp_path):
