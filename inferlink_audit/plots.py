@@ -99,6 +99,8 @@ class NormalisedCurves:
     baseline: np.ndarray
     adversarial_by_clean: bool
     note: str | None
+    # With ``statistics:``: each curve's Wilson band (lower, upper), normalised like the curve.
+    bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def _as_array(values: Iterable[float | None]) -> np.ndarray:
@@ -135,6 +137,18 @@ def normalise_sweep(model: ModelResult, sweep: SweepResult) -> NormalisedCurves:
         psi_a0 = psi_c0
         note = "ra = ψa/ψc⁰ (ψa⁰ = 0)" if attack is not None else "ra = ψa/ψc⁰ (attack unknown)"
     assert psi_a0 is not None
+    bands = None
+    if sweep.statistics is not None:
+        stats = sweep.statistics
+        bands = {}
+        for name, ci, psi0 in (
+            ("clean", stats.clean_accuracy_ci, psi_c0),
+            ("adversarial", stats.adversarial_accuracy_ci, psi_a0),
+        ):
+            lo = _as_array(pair[0] for pair in ci[:n])
+            hi = _as_array(pair[1] for pair in ci[:n])
+            if len(lo) == n:
+                bands[name] = (lo / psi0, hi / psi0)
     return NormalisedCurves(
         alpha_hat=alpha_hat,
         clean=clean / psi_c0,
@@ -142,6 +156,7 @@ def normalise_sweep(model: ModelResult, sweep: SweepResult) -> NormalisedCurves:
         baseline=1.0 - removed,
         adversarial_by_clean=by_clean,
         note=note,
+        bands=bands,
     )
 
 
@@ -284,6 +299,11 @@ def _update_panel(
     panel.fills.append(
         ax.fill_between(x, 0.0, curves.baseline, color=COLOURS["fragile"], alpha=0.10, lw=0)
     )
+    for name, line in (("clean", panel.clean), ("adversarial", panel.adversarial)):
+        if curves.bands is not None and name in curves.bands:
+            lo, hi = curves.bands[name]
+            band = ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+            panel.fills.append(band)
     panel.baseline.set_data(x, curves.baseline)
     panel.clean.set_data(x, curves.clean)
     panel.adversarial.set_data(x, curves.adversarial)

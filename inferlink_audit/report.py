@@ -221,6 +221,7 @@ class _CheckRow:
     detail: str
     layers: list[str]
     line: int | None
+    uncertain: bool = False  # with ``statistics:``: the interval straddles the limit
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,14 @@ def _cell(sweep: SweepResult, response: str) -> _Cell:
     targeted = response == "adversarial" and sweep.targeted
     if targeted:
         title += f"; targeted (φΔ = {fmt_score(sweep.scores.difference)})"
+    if sweep.statistics is not None:
+        stats = sweep.statistics
+        lo, hi = stats.scores_ci.get(response, [math.nan, math.nan])
+        probability = stats.label_probability.get(response, {}).get(label, math.nan)
+        title += (
+            f"; {stats.confidence:.0%} interval [{fmt_score(lo)}, {fmt_score(hi)}],"
+            f" P({label}) = {probability:.2f}"
+        )
     return _Cell(
         label=label,
         initial=_LABEL_INITIAL.get(label, "?"),
@@ -289,11 +298,15 @@ def _check_rows(model: ModelResult) -> list[_CheckRow]:
     # Failures first, otherwise in the spec's order (a stable sort keeps it).
     for check in sorted(model.checks, key=lambda c: c.passed):
         fmt = _check_formatter(check)
+        measured = fmt(check.measured)
+        if check.ci is not None:
+            measured += f" [{fmt(check.ci[0])}, {fmt(check.ci[1])}]"
         rows.append(
             _CheckRow(
                 id=check.id,
                 passed=check.passed,
-                measured=fmt(check.measured),
+                measured=measured,
+                uncertain=check.certain is False,
                 limit=_comparator(check) + fmt(check.limit),
                 detail=check.detail,
                 layers=list(check.layers),

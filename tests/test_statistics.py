@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from inferlink_audit.statistics import (
 )
 
 from .specs import write_spec
+
+pytest_plugins = ["pytester"]
 
 
 def _outcomes(clean: np.ndarray, adversarial: np.ndarray, c0: np.ndarray, a0: np.ndarray):
@@ -334,3 +338,74 @@ def test_results_json_reads_back_the_statistics(digits_session, tmp_path):
     back = read_results(path).models[0]
     assert back.sweeps == sweeps and back.clean_accuracy_ci == [0.9, 1.0]
     assert back.sweeps[0].statistics is not None and back.sweeps[0].outcomes is None
+
+
+# --------------------------------------------------------------------------- what people read
+def test_report_shows_intervals_uncertainty_and_curve_bands(digits_session, tmp_path):
+    from inferlink_audit.report import render_report
+
+    spec = digits_session.spec.model_copy(
+        update={"statistics": StatisticsSpec(resamples=200), "report": {"dir": tmp_path}}
+    )
+    result, _, _ = run_audit(spec, device="cpu")
+    model = result.models[0]
+    plain = replace(
+        result,
+        models=[
+            replace(
+                model,
+                statistics=None,
+                clean_accuracy_ci=None,
+                checks=[replace(c, ci=None, certain=None) for c in model.checks],
+                sweeps=[replace(s, statistics=None) for s in model.sweeps],
+            )
+        ],
+    )
+    html = render_report(result, tmp_path / "stats").read_text(encoding="utf-8")
+    plain_html = render_report(plain, tmp_path / "plain").read_text(encoding="utf-8")
+    clean = next(c for c in model.checks if c.check == "min_clean_accuracy")
+    assert clean.ci is not None
+    assert f"97.5% [{100 * clean.ci[0]:.1f}%, {100 * clean.ci[1]:.1f}%]" in html
+    assert 'badge uncertain"' not in plain_html and "interval in brackets" not in plain_html
+    assert "95 % interval in brackets" in html
+    uncertain = [c for c in model.checks if c.certain is False]
+    assert html.count('class="badge uncertain"') == len(uncertain)
+    # Each panel gains two bands (clean, adversarial): more filled areas than without.
+    assert html.count("<path") > plain_html.count("<path")
+
+
+def test_plugin_shows_intervals_in_junit_the_terminal_and_the_step_summary(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 examples: a clean accuracy near 0.98 is certainly above 0.5 and uncertain against
+    # 0.97, whose Wilson interval reaches well below it.
+    write_spec(
+        pytester.path,
+        "spec.yaml",
+        data={
+            "source": "sklearn_digits",
+            "limit": 64,
+            "batch_size": 64,
+            "normalize": {"mean": [0.5], "std": [0.5]},
+        },
+        filtering={"thresholds": 5, "scopes": ["local"], "filters": ["low_pass"]},
+        checks={"min_clean_accuracy": 0.97, "max_targeted_layers": 4},
+        statistics={"resamples": 200, "decide": "strict"},
+    )
+    summary = pytester.path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    run = pytester.runpytest_subprocess(
+        "--inferlink-audit", "spec.yaml", "--junitxml=junit.xml", "-p", "no:cacheprovider"
+    )
+    root = ET.parse(pytester.path / "junit.xml").getroot()
+    cases = {case.get("name"): case for case in root.iter("testcase")}
+    clean = cases["digits-small[min_clean_accuracy]"]
+    props = {p.get("name"): p.get("value") for p in clean.iter("property")}
+    lo, hi = float(props["ci_low"]), float(props["ci_high"])
+    assert lo < 0.97 < hi and props["certain"] == "False"
+    assert props["passed"] == "False"  # strict: the interval is not wholly above 0.97
+    assert "uncertain" in run.stdout.str() and "1 uncertain" in run.stdout.str()
+    failure = clean.find("failure")
+    assert failure is not None and "interval: [" in (failure.text or "")
+    text = summary.read_text()
+    assert re.search(r"\| `min_clean_accuracy` \| ❌ fail \(uncertain\) \| 0\.98\d* \[", text)

@@ -88,6 +88,10 @@ def check_properties(
     if not is_check(planned):
         return [*props, ("passed", result.passed)]
     props += [("measured", result.measured), ("limit", result.limit), ("passed", result.passed)]
+    if result.ci is not None:
+        props += [("ci_low", result.ci[0]), ("ci_high", result.ci[1])]
+    if result.certain is not None:
+        props.append(("certain", result.certain))
     if result.detail.startswith("error: "):
         props.append(("error", result.detail.removeprefix("error: ")))
     elif not result.passed and result.layers:
@@ -115,6 +119,12 @@ def failure_lines(
         f"  measured: {_num(result.measured)}",
         f"  limit:    {_num(result.limit)}",
     ]
+    if result.ci is not None and spec.statistics is not None:
+        lines.append(
+            f"  interval: [{_num(result.ci[0])}, {_num(result.ci[1])}] at "
+            f"{spec.statistics.confidence:.0%} ({'certain' if result.certain else 'uncertain'}; "
+            f"decide: {spec.statistics.decide})"
+        )
     if planned.check == "min_adversarial_accuracy" and planned.attack is not None:
         attack = session.attack_result(planned.attack)
         lines.append(
@@ -263,6 +273,7 @@ class SpecStats:
     errors: int
     computed: int
     from_cache: int
+    uncertain: int = 0  # with ``statistics:``: decisions whose interval straddles the limit
 
     @property
     def verdict(self) -> str:
@@ -294,6 +305,11 @@ def spec_stats(payloads: list[dict[str, Any]]) -> list[SpecStats]:
                 # so summing counts every computation, duplicates across workers included.
                 computed=sum(len(p["computed"]) for p in items),
                 from_cache=sum(len(p["cached"]) for p in items),
+                uncertain=sum(
+                    1
+                    for p in items
+                    if p["check"] is not None and p["check"].get("certain") is False
+                ),
             )
         )
     return stats

@@ -30,8 +30,9 @@ def terminal_lines(
         counts = f"{s.passed} passed, {s.failed} failed" + (
             f", {s.errors} errors" if s.errors else ""
         )
+        uncertain = f", {s.uncertain} uncertain" if s.uncertain else ""
         lines.append(
-            f"{s.name} ({Path(s.spec).name}): {s.verdict}: {counts}; "
+            f"{s.name} ({Path(s.spec).name}): {s.verdict}: {counts}{uncertain}; "
             f"{s.computed} sweeps computed, {s.from_cache} from cache"
         )
     for nodeid, message in collect_errors.items():
@@ -103,8 +104,13 @@ def step_summary(
             ]
             for check in model.checks:
                 mark = "✅ pass" if check.passed else "❌ fail"
+                if check.certain is False:
+                    mark += " (uncertain)"
+                measured = _number(check.measured)
+                if check.ci is not None:
+                    measured += f" [{_number(check.ci[0])}, {_number(check.ci[1])}]"
                 out.append(
-                    f"| `{_cell(check.id)}` | {mark} | {_number(check.measured)} | "
+                    f"| `{_cell(check.id)}` | {mark} | {measured} | "
                     f"{_number(check.limit)} | {_cell(check.detail)} |"
                 )
         out += _worst_layers(model)
