@@ -123,11 +123,11 @@ def parse_data(text: str | None, spec_path: Path) -> dict[str, Any] | None:
         return {"source": text, "split": "test"}
     name, sep, root = text.partition(":")
     if sep and name in TORCHVISION_DATASETS and root.strip():
-        root = relative_to_spec(root.strip(), spec_path)
-        return {"source": "torchvision", "name": name, "root": root, "split": "test"}
+        folder = relative_to_spec(root.strip(), spec_path)
+        return {"source": "torchvision", "name": name, "root": folder, "split": "test"}
     if Path(text).expanduser().is_dir():
-        root = relative_to_spec(text, spec_path)
-        return {"source": "torchvision", "name": "ImageFolder", "root": root, "split": "test"}
+        folder = relative_to_spec(text, spec_path)
+        return {"source": "torchvision", "name": "ImageFolder", "root": folder, "split": "test"}
     if Path(text).suffix.lower() in (".pt", ".pth", ".npz"):
         return {"source": "tensors", "path": relative_to_spec(text, spec_path)}
     raise AuditError(
