@@ -19,17 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, UnsafeFileError, listing, one_line
+from .errors import KeyPath, ModelLoadError, UnsafeFileError, listing, one_line
 from .fileio import sha256_file
 from .spec import ModelSpec
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "CHECKPOINT_SUFFIXES",
     "load_checkpoint",
     "load_state_dict_file",
     "warn_trusted",
 ]
 
+CHECKPOINT_KEY: KeyPath = ("model", "checkpoint")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 # Prefixes that wrappers add to every key: Lightning's ``self.model``, DataParallel's ``module``.
@@ -46,7 +48,8 @@ def load_checkpoint(inner: nn.Module, path: Path, spec: ModelSpec) -> str:
         sha = sha256_file(path)
     except OSError as exc:
         raise ModelLoadError(
-            f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check its permissions."
+            f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check its permissions.",
+            key=CHECKPOINT_KEY,
         ) from exc
     state = load_state_dict_file(path, trust_pickle=spec.trust_pickle)
     _load_into(inner, state, path, spec)
@@ -78,7 +81,8 @@ def _require_regular_file(path: Path) -> None:
         problem = f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
     raise ModelLoadError(
         f"{path}: {problem} (model.checkpoint). Paths are relative to the spec's folder; use "
-        "checkpoint: null to audit the factory's initial weights."
+        "checkpoint: null to audit the factory's initial weights.",
+        key=CHECKPOINT_KEY,
     )
 
 
@@ -91,7 +95,8 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
     if path.is_file() and path.stat().st_size == 0:
         raise ModelLoadError(
             f"{path}: is empty (0 bytes), so it holds no weights; was the checkpoint written "
-            "completely? Save it again."
+            "completely? Save it again.",
+            key=CHECKPOINT_KEY,
         )
     if suffix == ".safetensors":
         raw: Any = _read_safetensors(path)
@@ -100,7 +105,8 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
     else:
         raise ModelLoadError(
             f"{path}: unknown checkpoint format {suffix or '(no suffix)'}; model.checkpoint must "
-            f"end in {', '.join(CHECKPOINT_SUFFIXES)}."
+            f"end in {', '.join(CHECKPOINT_SUFFIXES)}.",
+            key=CHECKPOINT_KEY,
         )
     if isinstance(raw, nn.Module):  # a whole pickled model, only reachable with trust_pickle
         raw = raw.state_dict()
@@ -112,20 +118,23 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
     if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
         raise ModelLoadError(
             f"{path}: holds a {type(raw).__name__}, not a state dict (a mapping from parameter "
-            "names to tensors). Save one with torch.save(model.state_dict(), path)."
+            "names to tensors). Save one with torch.save(model.state_dict(), path).",
+            key=CHECKPOINT_KEY,
         )
     not_tensors = [k for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ModelLoadError(
             f"{path}: state dict entries {listing(not_tensors)} are not tensors; a checkpoint "
-            "must map parameter names to tensors only (save model.state_dict())."
+            "must map parameter names to tensors only (save model.state_dict()).",
+            key=CHECKPOINT_KEY,
         )
     unusual = [f"{k} ({_kind(v)})" for k, v in raw.items() if _kind(v)]
     if unusual:
         raise ModelLoadError(
             f"{path}: tensors {listing(unusual)} are not plain dense tensors; an audit filters "
             "weights element by element. Save dense, real, unquantized weights (e.g. "
-            "t.to_dense(), t.dequantize()) with model.state_dict()."
+            "t.to_dense(), t.dequantize()) with model.state_dict().",
+            key=CHECKPOINT_KEY,
         )
     not_finite = [
         k for k, v in raw.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
@@ -133,7 +142,8 @@ def load_state_dict_file(path: Path, *, trust_pickle: bool = False) -> dict[str,
     if not_finite:
         raise ModelLoadError(
             f"{path}: tensors {listing(not_finite)} contain NaN or Inf; the training run that "
-            "saved this checkpoint diverged. Use an earlier checkpoint."
+            "saved this checkpoint diverged. Use an earlier checkpoint.",
+            key=CHECKPOINT_KEY,
         )
     return dict(raw)
 
@@ -159,7 +169,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise ModelLoadError(
             f"{path}: not a readable safetensors file ({one_line(exc)}); is it truncated or "
-            "another format?"
+            "another format?",
+            key=CHECKPOINT_KEY,
         ) from exc
 
 
@@ -171,7 +182,8 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
         except Exception as exc:
             raise ModelLoadError(
                 f"{path}: not a readable checkpoint ({type(exc).__name__}: {one_line(exc)}); "
-                "is it truncated?"
+                "is it truncated?",
+                key=CHECKPOINT_KEY,
             ) from exc
     try:
         with warnings.catch_warnings():
@@ -193,7 +205,8 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
             f"{path} is a pickle that holds Python objects{refused}, and loading it could run "
             "arbitrary code, so it was NOT loaded. Re-save only the weights with "
             "torch.save(model.state_dict(), path) or as .safetensors; or, if you trust this "
-            "file, set `model.trust_pickle: true` in the spec."
+            "file, set `model.trust_pickle: true` in the spec.",
+            key=CHECKPOINT_KEY,
         ) from exc
     except RuntimeError as exc:
         if "torchscript" in str(exc).lower():
@@ -201,7 +214,8 @@ def _read_torch(path: Path, trust_pickle: bool) -> Any:
                 f"{path} is a TorchScript archive, which can run arbitrary code when loaded, so "
                 "it was NOT loaded. Use 'torchscript: <file>' as model.factory with "
                 "`model.trust_pickle: true` if you trust it, or re-save "
-                "model.state_dict() as the checkpoint."
+                "model.state_dict() as the checkpoint.",
+                key=CHECKPOINT_KEY,
             ) from exc
         raise _unreadable(path, exc) from exc
     except Exception as exc:
@@ -233,7 +247,8 @@ def _unreadable(path: Path, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(
         f"{path}: not a readable PyTorch checkpoint "
         f"({type(exc).__name__}: {one_line(exc)}); is it "
-        "truncated, or not a checkpoint at all?"
+        "truncated, or not a checkpoint at all?",
+        key=CHECKPOINT_KEY,
     )
 
 
@@ -279,13 +294,15 @@ def _load_into(
         raise ModelLoadError(
             f"{path} does not fit the model built by {spec.factory!r} with kwargs "
             f"{spec.kwargs}: {'; '.join(parts)}. The checkpoint is probably for another "
-            "architecture or other model.kwargs (e.g. num_classes)."
+            "architecture or other model.kwargs (e.g. num_classes).",
+            key=CHECKPOINT_KEY,
         )
     try:
         inner.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelLoadError(
-            f"{path}: the weights could not be copied into the model: {one_line(exc)}"
+            f"{path}: the weights could not be copied into the model: {one_line(exc)}",
+            key=CHECKPOINT_KEY,
         ) from exc
 
 

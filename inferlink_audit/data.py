@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
-from .spec import DataSourceSpec
+from .errors import DataError, KeyPath
+from .spec import DataSourceSpec, DataSpec
 
 __all__ = [
     "DIGITS_N_TEST",
     "DIGITS_N_TRAIN",
     "Dataset",
+    "data_key",
     "digits_split_indices",
     "example_input_shape",
     "load_dataset",
@@ -106,6 +107,12 @@ def load_dataset(spec: DataSourceSpec, *, split: str | None = None) -> Dataset:
         raise DataError(f"unknown data source {spec.source!r}")
     shape = "×".join(str(d) for d in x.shape[1:])
     return Dataset(x=x, y=y, description=f"{what}: {x.shape[0]} examples of {shape}")
+
+
+def data_key(spec: DataSpec) -> KeyPath:
+    """The spec key a problem with the test data is about: ``data.path`` when the data come
+    from a file, else the ``data`` section as a whole."""
+    return ("data", "path") if spec.path is not None else ("data",)
 
 
 def example_input_shape(spec: DataSourceSpec) -> tuple[int, ...] | None:

@@ -1,29 +1,84 @@
 """Errors a user can cause. Each message is one paragraph, shown as is, without a traceback.
 
-Real bugs are never wrapped in these: they keep their traceback.
+Real bugs are never wrapped in these: they keep their traceback. An error knows the spec key
+it is about (``model.checkpoint``, ``data.path``) when the code that raises it knows; where
+that key sits in the spec file is attached later (:func:`spec_loader.located_errors`), by
+the code that knows which spec asked for the work, and shown before the message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+# A key's path in the spec: ("attacks", 1, "eps") is attacks[1].eps.
+KeyPath = tuple[str | int, ...]
 
 _MAX_LISTED = 8
 
 
+def dotted_key(path: KeyPath) -> str:
+    """``path`` as the spec writes it: ``filtering.thresholds``, ``attacks[1].eps``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in a spec file an error belongs: the file as shown (``""`` for a spec built in
+    code) and the line of the key (None when the file does not set it)."""
+
+    file: str
+    line: int | None
+
+    def prefix(self, key: KeyPath, message: str) -> str:
+        """``spec.yaml:LINE: key: message``, without repeating what ``message`` already says."""
+        dotted = dotted_key(key)
+        where = self.file + (f":{self.line}" if self.file and self.line is not None else "")
+        if self.file and message.startswith(self.file):
+            return message
+        if message.startswith(dotted) or not dotted:
+            return f"{where}: {message}" if where else message
+        return f"{where}: {dotted}: {message}" if where else f"{dotted}: {message}"
+
+
 class AuditError(Exception):
-    """Base of every user-facing error: bad spec, unreadable model or data, missing device."""
+    """Base of every user-facing error: bad spec, unreadable model or data, missing device.
+
+    ``key`` names the spec key responsible, when the raising code knows it; ``location``,
+    once set, puts ``spec.yaml:LINE: key:`` before the message.
+    """
+
+    def __init__(self, message: str, *, key: KeyPath = ()) -> None:
+        super().__init__(message)
+        self.key_path: KeyPath = key
+        self.location: Location | None = None
+
+    @property
+    def key(self) -> str:
+        """The key as the spec writes it (``attacks[1].eps``), or ``""`` when none is known."""
+        return dotted_key(self.key_path)
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return message if self.location is None else self.location.prefix(self.key_path, message)
 
 
 class SpecError(AuditError):
-    """The audit spec is not valid: YAML syntax, unknown key, wrong type, impossible value."""
+    """The audit spec is not valid: YAML syntax, unknown key, wrong type, impossible value.
+
+    Its message already reads ``file:line: key: problem``; ``path`` and ``line`` say the same
+    for code that inspects it.
+    """
 
     def __init__(
-        self, message: str, *, path: str | None = None, line: int | None = None, key: str = ""
+        self, message: str, *, path: str | None = None, line: int | None = None, key: KeyPath = ()
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, key=key)
         self.path = path
         self.line = line
-        self.key = key
 
 
 class ModelLoadError(AuditError):

@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from .checkpoints import warn_trusted
-from .errors import ModelLoadError, UnsafeFileError, one_line
+from .errors import KeyPath, ModelLoadError, UnsafeFileError, one_line
 from .fileio import sha256_file
 from .spec import ModelSpec
 
-__all__ = ["build_network", "resolve_path", "source_sha256"]
+__all__ = ["FACTORY_KEY", "build_network", "resolve_path", "source_sha256"]
 
+FACTORY_KEY: KeyPath = ("model", "factory")
 # Never passed through to torchvision: any of these would fetch pretrained weights.
 _TORCHVISION_DOWNLOAD_KWARGS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
 
@@ -99,7 +100,8 @@ def _guard_factory(factory: Any, spec: ModelSpec) -> None:
         raise ModelLoadError(
             f"model.factory {spec.factory!r} names the class {factory.__qualname__}, which is "
             "not a torch.nn.Module subclass, so it was NOT called. Point the factory at your "
-            "model's class or at a function that returns the model."
+            "model's class or at a function that returns the model.",
+            key=FACTORY_KEY,
         )
     module = getattr(factory, "__module__", None) or type(factory).__module__ or ""
     top = module.split(".")[0]
@@ -109,7 +111,8 @@ def _guard_factory(factory: Any, spec: ModelSpec) -> None:
         raise ModelLoadError(
             f"model.factory {spec.factory!r} names {module}.{name}, a built-in or library "
             "function, not a model factory, so it was NOT called. Point the factory at your "
-            "model's class or at a function that returns the model."
+            "model's class or at a function that returns the model.",
+            key=FACTORY_KEY,
         )
 
 
@@ -135,7 +138,8 @@ def build_network(spec: ModelSpec, spec_dir: Path) -> tuple[nn.Module, str]:
     if not callable(factory):
         raise ModelLoadError(
             f"model.factory {spec.factory!r} names a {type(factory).__name__}, not a class or "
-            "function that builds the model."
+            "function that builds the model.",
+            key=FACTORY_KEY,
         )
     if kind != "torchvision":
         _guard_factory(factory, spec)
@@ -144,23 +148,27 @@ def build_network(spec: ModelSpec, spec_dir: Path) -> tuple[nn.Module, str]:
     except SystemExit as exc:
         raise ModelLoadError(
             f"model.factory {spec.factory!r} called sys.exit({exc.code!r}) when building the "
-            f"model{_where(exc)}; a factory must return the model."
+            f"model{_where(exc)}; a factory must return the model.",
+            key=FACTORY_KEY,
         ) from exc
     except TypeError as exc:
         raise ModelLoadError(
             f"model.factory {spec.factory!r} cannot be called with model.kwargs {kwargs}: "
             f"{one_line(exc)}. "
-            "Check the argument names and values against its signature."
+            "Check the argument names and values against its signature.",
+            key=FACTORY_KEY,
         ) from exc
     except Exception as exc:
         raise ModelLoadError(
             f"model.factory {spec.factory!r} raised {type(exc).__name__} when called with "
-            f"model.kwargs {kwargs}: {one_line(exc)}{_where(exc)}."
+            f"model.kwargs {kwargs}: {one_line(exc)}{_where(exc)}.",
+            key=FACTORY_KEY,
         ) from exc
     if not isinstance(built, nn.Module):
         raise ModelLoadError(
             f"model.factory {spec.factory!r} returned a {type(built).__name__}, not a "
-            "torch.nn.Module; point the factory at the model class or a function returning one."
+            "torch.nn.Module; point the factory at the model class or a function returning one.",
+            key=FACTORY_KEY,
         )
     return built, label
 
@@ -227,7 +235,8 @@ def _import_module(module_name: str, spec_dir: Path, spec: ModelSpec) -> ModuleT
                 f"model.factory {spec.factory!r}: cannot import module {module_name!r} ({first}); "
                 f"it is not installed and not found next to the spec ({spec_dir}) or above it. "
                 "Install the package, fix the module path, or use 'file.py:Name' for a file "
-                "beside the spec."
+                "beside the spec.",
+                key=FACTORY_KEY,
             ) from first
         with _on_sys_path(folder):
             try:
@@ -242,7 +251,8 @@ def _import_failed(module_name: str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(
         f"model.factory: importing {module_name!r} failed with {type(exc).__name__}: "
         f"{one_line(exc)}"
-        f"{_where(exc)}. Fix the module or install what it imports."
+        f"{_where(exc)}. Fix the module or install what it imports.",
+        key=FACTORY_KEY,
     )
 
 
@@ -253,7 +263,8 @@ def _import_file(path: Path, spec: ModelSpec) -> ModuleType:
         problem = "is a folder" if path.is_dir() else "not found"
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: {path} {problem}. A 'file.py:Name' factory is a "
-            "Python file relative to the spec's folder."
+            "Python file relative to the spec's folder.",
+            key=FACTORY_KEY,
         )
     path = path.resolve()
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
@@ -262,7 +273,9 @@ def _import_file(path: Path, spec: ModelSpec) -> ModuleType:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ModelLoadError(f"model.factory {spec.factory!r}: {path} is not a Python module.")
+        raise ModelLoadError(
+            f"model.factory {spec.factory!r}: {path} is not a Python module.", key=FACTORY_KEY
+        )
     module = importlib.util.module_from_spec(module_spec)
     # Registered before running it: dataclasses and pickling look the module up by name.
     sys.modules[name] = module
@@ -273,7 +286,8 @@ def _import_file(path: Path, spec: ModelSpec) -> ModuleType:
         del sys.modules[name]
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: running {path} failed with "
-            f"{type(exc).__name__}: {one_line(exc)}{_where(exc)}."
+            f"{type(exc).__name__}: {one_line(exc)}{_where(exc)}.",
+            key=FACTORY_KEY,
         ) from exc
     return module
 
@@ -289,7 +303,8 @@ def _get_attr(module: ModuleType, name: str, spec: ModelSpec) -> Any:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ModelLoadError(
                 f"model.factory {spec.factory!r}: {getattr(module, '__file__', module.__name__)} "
-                f"has no {part!r}.{hint}"
+                f"has no {part!r}.{hint}",
+                key=FACTORY_KEY,
             ) from None
     return obj
 
@@ -304,7 +319,8 @@ def _torchvision_factory(name: str, kwargs: Mapping[str, Any]) -> Callable[..., 
         raise ModelLoadError(
             f"model.kwargs {asked} would download pretrained weights for torchvision {name}, "
             "and an audit never downloads. Save the weights once (torch.save(model.state_dict(), "
-            "'weights.pt') or as .safetensors) and give them as model.checkpoint instead."
+            "'weights.pt') or as .safetensors) and give them as model.checkpoint instead.",
+            key=FACTORY_KEY,
         )
     available = torchvision.models.list_models()
     if name not in available:
@@ -312,7 +328,8 @@ def _torchvision_factory(name: str, kwargs: Mapping[str, Any]) -> Callable[..., 
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ModelLoadError(
             f"model.factory 'torchvision: {name}': torchvision {torchvision.__version__} has no "
-            f"model {name!r}.{hint}"
+            f"model {name!r}.{hint}",
+            key=FACTORY_KEY,
         )
 
     def build(**kw: Any) -> nn.Module:
@@ -327,16 +344,19 @@ def _load_torchscript(spec: ModelSpec, path: Path) -> nn.Module:
             f"{path}: TorchScript archives can run arbitrary code when loaded, so this one was "
             "NOT loaded. If you trust where it came from, set `model.trust_pickle: true` in the "
             "spec; otherwise export the weights (torch.save(model.state_dict(), ...) or "
-            ".safetensors) and name the model's class as model.factory."
+            ".safetensors) and name the model's class as model.factory.",
+            key=FACTORY_KEY,
         )
     if spec.kwargs:
         raise ModelLoadError(
             f"model.kwargs {spec.kwargs} cannot be passed to a TorchScript archive ({path}); "
-            "it is already built. Remove model.kwargs."
+            "it is already built. Remove model.kwargs.",
+            key=FACTORY_KEY,
         )
     if not path.is_file():
         raise ModelLoadError(
-            f"model.factory {spec.factory!r}: {path} not found (paths are relative to the spec)."
+            f"model.factory {spec.factory!r}: {path} not found (paths are relative to the spec).",
+            key=FACTORY_KEY,
         )
     warn_trusted(path, "TorchScript archive")
     try:
@@ -349,6 +369,7 @@ def _load_torchscript(spec: ModelSpec, path: Path) -> nn.Module:
             f"{path}: not a readable TorchScript archive "
             f"({type(exc).__name__}: {one_line(exc)}); is it "
             "truncated, or a plain checkpoint (then name the model class as model.factory and "
-            "the file as model.checkpoint)?"
+            "the file as model.checkpoint)?",
+            key=FACTORY_KEY,
         ) from exc
     return module

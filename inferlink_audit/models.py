@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .checkpoints import load_checkpoint
-from .data import example_input_shape
+from .data import data_key, example_input_shape
 from .errors import DataError, ModelLoadError, listing, one_line
-from .factories import build_network, resolve_path, source_sha256
+from .factories import FACTORY_KEY, build_network, resolve_path, source_sha256
 from .spec import DataSpec, ModelSpec
 
 __all__ = ["LoadedModel", "NormalizedModel", "check_batch", "load_model"]
@@ -134,7 +134,8 @@ def load_model(
         raise DataError(
             f"data.normalize gives {wrapper.channels} channel values but the inputs have shape "
             f"{tuple(probe.shape[1:])} (channels first): give one mean/std per input channel, "
-            "or a single value for all."
+            "or a single value for all.",
+            key=data_key(data),
         )
     source = f"{data.path.name} (data.path)" if data.path is not None else f"{data.source} data"
     num_outputs = _count_outputs(wrapper, probe, spec, source)
@@ -169,7 +170,8 @@ def _require_finite(inner: nn.Module, spec: ModelSpec, source: str | None) -> No
         origin = source or f"the initial weights of model.factory {spec.factory!r}"
         raise ModelLoadError(
             f"after loading {origin}, the model's tensors {listing(bad)} contain NaN or Inf; "
-            "an audit needs finite weights. Fix the initialisation or give a checkpoint."
+            "an audit needs finite weights. Fix the initialisation or give a checkpoint.",
+            key=FACTORY_KEY,
         )
 
 
@@ -179,7 +181,8 @@ def _probe_input(data: DataSpec, example_input: torch.Tensor | None) -> torch.Te
         if example_input.dim() < 2:
             raise DataError(
                 f"the data's inputs have shape {tuple(example_input.shape)}; they must be N×... "
-                "with one row per example (e.g. N×C×H×W images or N×D features)."
+                "with one row per example (e.g. N×C×H×W images or N×D features).",
+                key=data_key(data),
             )
         example = example_input[:1].detach().to("cpu", torch.float32)
         # An empty data set still tells the shape; validate_dataset reports the emptiness.
@@ -197,20 +200,23 @@ def _count_outputs(module: nn.Module, probe: torch.Tensor, spec: ModelSpec, sour
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: a forward pass on an input of shape {shape} (one "
             f"example of {source}) failed with {type(exc).__name__}: {one_line(exc)}. "
-            "Check that the model's expected input (channels, size) matches the data."
+            "Check that the model's expected input (channels, size) matches the data.",
+            key=FACTORY_KEY,
         ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != shape[0]:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: on an input of shape {shape} the model returned "
             f"{got}; an audited classifier must return logits of shape N×classes. Wrap it so "
-            "forward() returns only the logits."
+            "forward() returns only the logits.",
+            key=FACTORY_KEY,
         )
     if out.shape[1] == 0:
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: on an input of shape {shape} the model returned "
             f"logits of shape {tuple(out.shape)}, with no classes; check model.kwargs "
-            "(e.g. num_classes)."
+            "(e.g. num_classes).",
+            key=FACTORY_KEY,
         )
     return int(out.shape[1])
 
@@ -262,11 +268,13 @@ def check_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, num_outputs
             raise ModelLoadError(
                 f"the model's logits are not differentiable with respect to its input "
                 f"({type(exc).__name__}: {one_line(exc)}); attacks need that gradient. Remove "
-                "torch.no_grad(), .detach() or non-differentiable steps from forward()."
+                "torch.no_grad(), .detach() or non-differentiable steps from forward().",
+                key=FACTORY_KEY,
             ) from exc
         if grad is None or not bool(torch.isfinite(grad).all()):
             raise ModelLoadError(
                 "the gradient of the model's loss with respect to its input on the first batch "
                 "contains NaN or Inf; attacks could not use it. Check forward() for divisions "
-                "by zero or logs of zero."
+                "by zero or logs of zero.",
+                key=FACTORY_KEY,
             )

@@ -24,12 +24,10 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from inferlink_audit.errors import AuditError, SpecError
+from inferlink_audit.errors import AuditError, KeyPath, Location, SpecError, dotted_key
 from inferlink_audit.spec import AuditSpec
 
-__all__ = ["MAX_SPEC_BYTES", "load_spec", "located_errors", "parse_spec"]
-
-KeyPath = tuple[str | int, ...]
+__all__ = ["MAX_SPEC_BYTES", "load_spec", "locate_message", "located_errors", "parse_spec"]
 
 # A real spec has a few hundred nodes; these bounds stop "billion laughs" alias bombs and
 # pathological nesting long before they cost memory or hit Python's recursion limit.
@@ -219,11 +217,11 @@ class _SpecLoader(yaml.SafeLoader):
         )
 
     def _error(self, mark: yaml.Mark, problem: str, path: KeyPath = ()) -> SpecError:
-        line, key = mark.line + 1, _dotted(path)
+        line, key = mark.line + 1, dotted_key(path)
         message = f"{self.display}:{line}: " + (f"{key}: " if key else "") + problem
         snippet = _snippet(self._spec_text, _Mark(line, mark.column))
         message += "\n" + snippet if snippet else ""
-        return SpecError(message, path=self.display, line=line, key=key)
+        return SpecError(message, path=self.display, line=line, key=path)
 
 
 # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; read it as the number people mean,
@@ -373,7 +371,7 @@ def _syntax_error(exc: yaml.MarkedYAMLError, text: str, display: str) -> SpecErr
     line, column = mark.line + 1, mark.column
     message = f"{display}:{line}:{column + 1}: YAML syntax error: {problem}"
     snippet = _snippet(text, _Mark(line, column))
-    return SpecError(message + ("\n" + snippet if snippet else ""), path=display, line=line, key="")
+    return SpecError(message + ("\n" + snippet if snippet else ""), path=display, line=line)
 
 
 # --------------------------------------------------------------------------- validation errors
@@ -584,14 +582,17 @@ def _check_files_exist(
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             problem = f"cannot be read ({reason})"
         mark = _mark_of(key_path, marks)
-        key = _dotted(key_path)
+        key = dotted_key(key_path)
         message = (
             f"{display}:{mark.line}: {key}: {problem}: {file} "
             "(relative paths start at the spec's folder)"
         )
         snippet = _snippet(text, mark)
         raise SpecError(
-            message + ("\n" + snippet if snippet else ""), path=display, line=mark.line, key=key
+            message + ("\n" + snippet if snippet else ""),
+            path=display,
+            line=mark.line,
+            key=key_path,
         )
 
 
@@ -675,7 +676,7 @@ def _problems_error(
     lines: list[str] = []
     for shown, (_, problem) in enumerate(located[:MAX_PROBLEMS]):
         mark = _mark_of(problem.path, marks)
-        key = _dotted(problem.path)
+        key = dotted_key(problem.path)
         lines.append(f"{display}:{mark.line}: " + (f"{key}: " if key else "") + problem.render())
         if shown < MAX_SNIPPETS and _has_key_mark(problem.path, marks):
             snippet = _snippet(text, mark)
@@ -688,41 +689,43 @@ def _problems_error(
         "\n".join(lines),
         path=display,
         line=_mark_of(first.path, marks).line,
-        key=_dotted(first.path),
+        key=first.path,
     )
 
 
 @contextmanager
 def located_errors(
-    spec: AuditSpec, key: KeyPath | Callable[[AuditError], KeyPath]
+    spec: AuditSpec, key: KeyPath | Callable[[AuditError], KeyPath] = ()
 ) -> Iterator[None]:
-    """Prefix a loader's error with ``spec:line: key:`` so every message names the spec.
+    """Place a loader's error in ``spec``, so its message starts ``spec:line: key:``.
 
     Model, data and device errors are found after the spec was validated, by code that knows
-    the file it read but not which spec and line asked for it. ``key`` (or a function of the
-    error that picks it) names the spec key responsible.
+    the file it read but not which spec and line asked for it. The error's own key names the
+    spec key responsible; ``key`` (or a function of the error that picks it) stands in for
+    errors raised without one.
     """
     try:
         yield
     except SpecError:
         raise
     except AuditError as exc:
-        key_path = key(exc) if callable(key) else key
-        exc.args = (locate_message(spec, key_path, str(exc)),)
+        if exc.location is None:
+            if not exc.key_path:
+                exc.key_path = key(exc) if callable(key) else key
+            exc.location = spec_location(spec, exc.key_path)
         raise
+
+
+def spec_location(spec: AuditSpec, key_path: KeyPath) -> Location:
+    """The spec's file and the line of ``key_path`` (None when the file does not set it)."""
+    display = os.fspath(spec.source_path) if spec.source_path is not None else ""
+    line = spec._positions.get(key_path) if key_path else None
+    return Location(display, line)
 
 
 def locate_message(spec: AuditSpec, key_path: KeyPath, message: str) -> str:
     """``spec.yaml:LINE: key: message`` (the line only when the file sets that key)."""
-    display = os.fspath(spec.source_path) if spec.source_path is not None else ""
-    dotted = _dotted(key_path)
-    line = spec._positions.get(key_path) if key_path else None
-    where = display + (f":{line}" if display and line is not None else "")
-    if display and message.startswith(display):
-        return message
-    if message.startswith(dotted) or not dotted:
-        return f"{where}: {message}" if where else message
-    return f"{where}: {dotted}: {message}" if where else f"{dotted}: {message}"
+    return spec_location(spec, key_path).prefix(key_path, message)
 
 
 # --------------------------------------------------------------------------- paths
@@ -759,13 +762,6 @@ def _resolve_paths(spec: AuditSpec, spec_dir: Path) -> AuditSpec:
 
 
 # --------------------------------------------------------------------------- formatting
-def _dotted(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
 def _mark_of(path: KeyPath, marks: dict[KeyPath, _Mark]) -> _Mark:
     """The mark of ``path`` or of its nearest ancestor the file has (a missing key: its parent)."""
     while path not in marks:
