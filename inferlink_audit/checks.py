@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .attack_sanity import Indicator, applicable, iterative
 from .errors import AuditError, UnsupportedError
 from .results import (
     RESPONSES,
@@ -116,6 +117,7 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         attack.label,
                     )
                 )
+    planned.extend(_sanity_checks(spec))
     if spec.remediation is not None and _limit(spec, "min_adversarial_gain") is None:
         line = spec.line_of("remediation")
         planned.append(
@@ -143,7 +145,7 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         response=fragile_response,
                     )
                 )
-    if not any(is_check(p) for p in planned):
+    if not any(is_check(p) and p.check not in SANITY_LIMITS for p in planned):
         for filter_name in spec.filtering.filters:
             for attack in attacks:
                 planned.append(
@@ -157,6 +159,49 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         f"{filter_name} {attack.label}",
                     )
                 )
+    return planned
+
+
+# Attack-failure indicators (attack_sanity.py): the most each may measure and still pass.
+SANITY_LIMITS = {
+    "unstable_predictions": 0.0,  # share of examples whose two forward passes disagree
+    "masked_gradients": 0.05,  # share of correct examples with a zero or non-finite gradient
+    "iterative_weaker": 0.01,  # accuracy above the single-step attack's at the same eps
+    "eps_not_monotone": 0.01,  # accuracy at eps above accuracy at eps/2
+    "unbounded_not_broken": 0.05,  # accuracy when eps covers the whole input box
+    "black_box_stronger": 0.10,  # accuracy above the Square attack's at the same eps
+    "not_converged": 0.10,  # share of unbroken examples whose APGD loss still rises late
+}
+
+
+def sanity_enabled(spec: AuditSpec) -> bool:
+    """``checks.attack_sanity``, by default on when the spec lists an iterative gradient
+    attack (pgd, apgd, autoattack)."""
+    setting = spec.checks.attack_sanity
+    return any(iterative(a) for a in spec.attack_specs) if setting is None else setting
+
+
+def _sanity_checks(spec: AuditSpec) -> list[PlannedCheck]:
+    """The indicator items: the model's prediction stability, then each attack's indicators."""
+    attacks = [a for a in spec.attack_specs if applicable(a)]
+    if not sanity_enabled(spec) or not attacks:
+        return []
+    line = spec.line_of("checks", "attack_sanity")
+    name = "unstable_predictions"
+    planned = [PlannedCheck(name, name, None, None, SANITY_LIMITS[name], line, spec.name)]
+    for attack in attacks:
+        for name in applicable(attack):
+            planned.append(
+                PlannedCheck(
+                    f"{attack.id}-{name}",
+                    name,
+                    None,
+                    attack.id,
+                    SANITY_LIMITS[name],
+                    line,
+                    attack.label,
+                )
+            )
     return planned
 
 
@@ -184,6 +229,8 @@ class Measurements(Protocol):
     def baseline_model(self) -> ModelResult: ...
 
     def scope_members(self) -> Members: ...
+
+    def attack_indicator(self, name: str, attack_id: str | None, limit: float) -> Indicator: ...
 
 
 Evaluator = Callable[[PlannedCheck, Measurements], CheckResult]
@@ -316,6 +363,13 @@ def _transfer_only(planned: PlannedCheck, m: Measurements) -> CheckResult:
     return _result(planned, 0.0, True, "transferability computed")
 
 
+def _attack_sanity(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    """An attack-failure indicator: its detail names the measurement, the examples it
+    concerns and, when it fails, what to do."""
+    reading = m.attack_indicator(planned.check, planned.attack, planned.limit)
+    return _result(planned, reading.measured, reading.passed, reading.detail)
+
+
 def _regression(planned: PlannedCheck, m: Measurements) -> CheckResult:
     return regression_check(planned, _sweeps_of(planned, m), m.baseline_model())
 
@@ -332,6 +386,7 @@ EVALUATORS: dict[str, Evaluator] = {
     SWEEP_ONLY: _sweep_only,
     REMEDIATION_ONLY: _remediation_only,
     TRANSFER_ONLY: _transfer_only,
+    **{name: _attack_sanity for name in SANITY_LIMITS},
 }
 
 

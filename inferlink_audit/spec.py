@@ -374,6 +374,8 @@ class ChecksSpec(_Strict):
     max_lipschitz_upper_bound: Annotated[float, Field(gt=0.0)] | None = None
     no_new_fragile_layers: bool = False
     max_score_drop: Annotated[float, Field(ge=0.0)] | None = None
+    # Attack-failure indicators (attack_sanity): None: on when pgd, apgd or autoattack is listed.
+    attack_sanity: bool | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -80,8 +80,15 @@ def text_summary(result: AuditResult) -> str:
             out.append(f"   {INERT_EXPLANATION}")
         passed = [c for c in model.checks if c.passed]
         failed = [c for c in model.checks if not c.passed]
-        out.append(f"   checks: {len(passed)} passed, {len(failed)} failed")
+        uncertain = [c for c in model.checks if c.certain is False]
+        counts = f"{len(passed)} passed, {len(failed)} failed"
+        if model.statistics is not None:
+            counts += f", {len(uncertain)} uncertain at {model.statistics['confidence']:.0%}"
+        out.append(f"   checks: {counts}")
         for check in failed:
             out.append(f"   FAIL {check.id}: {check.detail}")
+        for check in uncertain:
+            if check.passed:
+                out.append(f"   UNCERTAIN {check.id}: {check.detail}")
     out.append("verdict: " + ("PASS" if result.passed else "FAIL"))
     return "\n".join(out)

@@ -17,6 +17,7 @@ from inferlink_audit.checks import PlannedCheck, evaluate_check
 from inferlink_audit.results import (
     AttackResult,
     AuditResult,
+    CheckResult,
     ModelResult,
     SweepOutcomes,
     read_results,
@@ -202,7 +203,7 @@ def test_lenient_fails_an_adversarial_accuracy_whose_whole_interval_is_below_the
     )
     result = evaluate_check(planned, _Measured(0.9, 0.3, _sampling("lenient", n=400)))  # type: ignore[arg-type]
     assert (result.passed, result.certain) == (False, True)
-    assert result.detail.endswith("(lenient)")
+    assert result.detail.endswith("(lenient: fails)")
 
 
 # --------------------------------------------------------------------------- the engine
@@ -409,3 +410,23 @@ def test_plugin_shows_intervals_in_junit_the_terminal_and_the_step_summary(
     assert failure is not None and "interval: [" in (failure.text or "")
     text = summary.read_text()
     assert re.search(r"\| `min_clean_accuracy` \| ❌ fail \(uncertain\) \| 0\.98\d* \[", text)
+
+
+def test_the_command_line_summary_counts_and_lists_uncertain_decisions():
+    from inferlink_audit.summary import text_summary
+
+    checks = [
+        CheckResult("a", True, 0.39, 0.4, "a detail", ci=[0.3, 0.5], certain=False),
+        CheckResult("b", True, 0.1, 0.4, "b detail", ci=[0.05, 0.2], certain=True),
+        CheckResult("c", False, 0.45, 0.4, "c detail", ci=[0.35, 0.5], certain=False),
+    ]
+    stats = {"confidence": 0.9, "resamples": 1000, "decide": "estimate"}
+    model = ModelResult("m", "", 10, 1.0, [], [], None, None, checks, statistics=stats)
+    text = text_summary(AuditResult(meta={}, models=[model]))
+    assert "checks: 2 passed, 1 failed, 2 uncertain at 90%" in text
+    assert "UNCERTAIN a: a detail" in text and "FAIL c: c detail" in text
+    assert "UNCERTAIN b" not in text and "UNCERTAIN c" not in text
+    plain = replace(
+        model, statistics=None, checks=[replace(c, ci=None, certain=None) for c in checks]
+    )
+    assert "uncertain" not in text_summary(AuditResult(meta={}, models=[plain])).lower()
