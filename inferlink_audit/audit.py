@@ -25,7 +25,6 @@ import torch
 
 from . import __version__
 from .attack_builder import build_attack
-from .attack_sanity import Indicator, SanityRunner
 from .attacks import Attack
 from .batching import auto_batch_size
 from .cache import tensors_sha256
@@ -36,6 +35,7 @@ from .devices import (
     describe_device,
     deterministic_settings,
     out_of_memory_as_error,
+    peak_memory_mb,
     resolve_device,
     seed_everything,
 )
@@ -270,24 +270,6 @@ class AuditSession:
             verify_unchanged(p.loaded.module, p.digest, f"attack {attack_id}")
             self.timings[f"attack {attack_id}"] = time.perf_counter() - t0
         return self._attacks[attack_id]
-
-    # ----------------------------------------------------------------- attack sanity
-    @cached_property
-    def _sanity(self) -> SanityRunner:
-        p = self.prepared
-        return SanityRunner(p.loaded.module, p.data, self.spec.data.input_range, self.spec.seed)
-
-    def attack_indicator(self, name: str, attack_id: str | None, limit: float) -> Indicator:
-        """An attack-failure indicator on the unfiltered network (attack_sanity.py)."""
-        t0 = time.perf_counter()
-        p = self.prepared
-        spec = None if attack_id is None else self.spec.attack(attack_id)
-        with frozen_parameters(p.loaded.module):
-            reading = self._sanity.measure(name, spec, limit)
-        verify_unchanged(p.loaded.module, p.digest, f"indicator {name}")
-        key = f"indicator {name}" + (f" {attack_id}" if attack_id else "")
-        self.timings[key] = time.perf_counter() - t0
-        return reading
 
     # ----------------------------------------------------------------- remediation
     def remediation(self) -> dict[str, Any] | None:
@@ -693,6 +675,7 @@ class AuditSession:
             "seconds": round(seconds, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "deterministic": p.settings,
+            "peak_memory_mb": peak_memory_mb(p.device),
             "definitions": "docs/method.md §4: r = ψ/ψ⁰, b = 1 − ρ, Simpson over α̂ = k/(n−1)",
         }
 

@@ -25,6 +25,7 @@ __all__ = [
     "deterministic_settings",
     "is_out_of_memory",
     "out_of_memory_error",
+    "peak_memory_mb",
     "resolve_device",
     "seed_everything",
     "synchronize",
@@ -218,6 +219,24 @@ def memory_budget(device: torch.device) -> int:
             return CPU_BATCH_BUDGET
         return int(min(CPU_BATCH_BUDGET, physical // 8))
     return CPU_BATCH_BUDGET
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
+    """The most memory this process has used so far, in MiB: ``process_rss`` (peak resident
+    set, what a CI runner must have; None where ``resource`` does not exist, on Windows) and,
+    on CUDA, ``device_allocated`` (peak bytes torch allocated on ``device``)."""
+    try:
+        import resource
+    except ImportError:
+        rss: float | None = None
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # Linux reports KiB, macOS bytes.
+        rss = round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
+    out: dict[str, float | None] = {"process_rss": rss}
+    if device.type == "cuda":
+        out["device_allocated"] = round(torch.cuda.max_memory_allocated(device) / (1 << 20), 1)
+    return out
 
 
 def synchronize(device: torch.device) -> None:

@@ -451,4 +451,11 @@ class NetworkSplitter:
 
 
 def live_bytes(values: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+    """Bytes the tensors among ``values`` keep alive: a storage that several of them share (a
+    skip tensor that is also the layer's input, views) counts once, and whole."""
+    storages = {
+        v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+        for v in values
+        if isinstance(v, torch.Tensor)
+    }
+    return sum(storages.values())
