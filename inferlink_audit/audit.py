@@ -25,6 +25,7 @@ import torch
 
 from . import __version__
 from .attack_builder import build_attack
+from .attack_sanity import Indicator, SanityRunner
 from .attacks import Attack
 from .batching import auto_batch_size
 from .cache import tensors_sha256
@@ -270,6 +271,24 @@ class AuditSession:
             verify_unchanged(p.loaded.module, p.digest, f"attack {attack_id}")
             self.timings[f"attack {attack_id}"] = time.perf_counter() - t0
         return self._attacks[attack_id]
+
+    # ----------------------------------------------------------------- attack sanity
+    @cached_property
+    def _sanity(self) -> SanityRunner:
+        p = self.prepared
+        return SanityRunner(p.loaded.module, p.data, self.spec.data.input_range, self.spec.seed)
+
+    def attack_indicator(self, name: str, attack_id: str | None, limit: float) -> Indicator:
+        """An attack-failure indicator on the unfiltered network (attack_sanity.py)."""
+        t0 = time.perf_counter()
+        p = self.prepared
+        spec = None if attack_id is None else self.spec.attack(attack_id)
+        with frozen_parameters(p.loaded.module):
+            reading = self._sanity.measure(name, spec, limit)
+        verify_unchanged(p.loaded.module, p.digest, f"indicator {name}")
+        key = f"indicator {name}" + (f" {attack_id}" if attack_id else "")
+        self.timings[key] = time.perf_counter() - t0
+        return reading
 
     # ----------------------------------------------------------------- remediation
     def remediation(self) -> dict[str, Any] | None:
