@@ -494,7 +494,7 @@ def decided(
     if not certain:
         detail += ", uncertain"
     if sampling.decide != "estimate":
-        detail += f" ({sampling.decide})"
+        detail += f" ({sampling.decide}: {'passes' if passed else 'fails'})"
     return replace(result, passed=passed, detail=detail, ci=ci, certain=certain)
 
 
