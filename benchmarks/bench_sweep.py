@@ -48,6 +48,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):
 import notebook_reference as ref  # noqa: E402
 
 from inferlink_audit.attacks import FGSM  # noqa: E402
+from inferlink_audit.devices import peak_memory_mb  # noqa: E402
 from inferlink_audit.prefix import NetworkSplitter  # noqa: E402
 from inferlink_audit.spec import FGSMSpec  # noqa: E402
 from inferlink_audit.sweep import (  # noqa: E402
@@ -59,7 +60,7 @@ from inferlink_audit.sweep import (  # noqa: E402
 )
 
 Source = Literal["filtered", "original"]
-PREFIX_BUDGET = 2 << 30  # the spec's default prefix_cache_mb (2048)
+PREFIX_BUDGET = 2 << 30  # the spec's default prefix_cache_mb (2048); --prefix-cache-mb
 
 
 @dataclass
@@ -161,6 +162,54 @@ def cifar_resnet18(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+class _Block(nn.Module):
+    """A basic residual block (two 3×3 convs with BatchNorm; a 1×1 projection when it
+    downsamples): its input is a skip tensor that a prefix cache must keep."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A CIFAR-style residual CNN with 16/32/64 channels, two blocks per stage (175k weights,
+    a 0.7 MB checkpoint): small weights, large activations, the case where a prefix cache
+    costs the most memory for what it saves."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(_Block(16, 16, 1), _Block(16, 16, 1))
+        self.layer2 = nn.Sequential(_Block(16, 32, 2), _Block(32, 32, 1))
+        self.layer3 = nn.Sequential(_Block(32, 64, 2), _Block(64, 64, 1))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def small_resnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SmallResNet().eval()
+
+
+SMALL_RESNET_LAYERS = ["conv1", "layer1.1.conv2", "layer2.1.conv1", "layer3.1.conv2"]
+
+
 def resnet_workload(args: argparse.Namespace) -> Workload:
     """Seeded inputs in [0, 1]; labels are the model's predictions with a seeded share changed,
     so that neither the clean nor the adversarial accuracy sits at 0 or 1.
@@ -168,7 +217,8 @@ def resnet_workload(args: argparse.Namespace) -> Workload:
     ``--quick`` restricts the global scope to the local layers: sorting all 11M weights once
     per global sweep would dominate a run meant to take seconds.
     """
-    model = cifar_resnet18(seed=0)
+    small = args.model == "resnet-small"
+    model = small_resnet(seed=0) if small else cifar_resnet18(seed=0)
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(args.images, 3, 32, 32, generator=gen)
     with torch.inference_mode():
@@ -177,7 +227,7 @@ def resnet_workload(args: argparse.Namespace) -> Workload:
     shift = torch.randint(1, 10, (args.images,), generator=gen)
     y = torch.where(changed, (y + shift) % 10, y)
     return Workload(
-        name="ResNet-18 (CIFAR-shaped)",
+        name="ResNet 16/32/64 (small)" if small else "ResNet-18 (CIFAR-shaped)",
         model=model,
         inner=model,
         preprocess=lambda t: t,
@@ -346,7 +396,7 @@ def _timed(into: dict[str, float], key: str) -> Iterator[None]:
 
 
 def run_engine(
-    w: Workload, source: Source, batch_size: int, prefix_budget: int = PREFIX_BUDGET
+    w: Workload, source: Source, batch_size: int, prefix_budget: int | None = None
 ) -> EngineRun:
     """The engine's local and global sweeps, as ``AuditSession`` drives them, fully timed."""
     t0 = time.perf_counter()
@@ -360,7 +410,7 @@ def run_engine(
             attack,
             source,
             splitter=splitter,
-            prefix_budget=prefix_budget,
+            prefix_budget=PREFIX_BUDGET if prefix_budget is None else prefix_budget,
         )
         unfiltered = evaluator.evaluate()
         run = EngineRun(unfiltered, {}, 0, setup_seconds=time.perf_counter() - t0)
@@ -565,6 +615,15 @@ def print_table(results: Sequence[WorkloadResult]) -> None:
 
 
 # --------------------------------------------------------------------------- main
+def _peak_memory_text() -> str:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    peak = peak_memory_mb(device)
+    text = f"process RSS {peak['process_rss']} MB"
+    if "device_allocated" in peak:
+        text += f", CUDA allocated {peak['device_allocated']} MB"
+    return text
+
+
 RESNET_LAYERS = ["conv1", "layer2.0.conv2", "layer3.1.conv1", "layer4.1.conv2"]
 
 
@@ -572,6 +631,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run, seconds")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    parser.add_argument(
+        "--model",
+        choices=["resnet18", "resnet-small"],
+        default="resnet18",
+        help="the second workload: torchvision's ResNet-18 or a 16/32/64-channel ResNet "
+        "(SmallResNet, default layers " + ", ".join(SMALL_RESNET_LAYERS) + ")",
+    )
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=PREFIX_BUDGET >> 20,
+        help="the engine's prefix cache budget (filtering.prefix_cache_mb; 0: off)",
+    )
+    parser.add_argument(
+        "--no-graph-cache",
+        action="store_true",
+        help="FGSM scopes run whole instead of keeping the prefix's autograd graph",
+    )
     parser.add_argument("--images", type=int, default=128, help="ResNet-18 examples")
     parser.add_argument("--thresholds", type=int, default=8, help="ResNet-18 thresholds")
     parser.add_argument("--filters", nargs="+", default=["low_pass"], help="ResNet-18 filters")
@@ -589,9 +666,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--engine-only", action="store_true", help="skip the reference (scaling measurements)"
     )
     args = parser.parse_args(argv)
+    if args.model == "resnet-small" and args.layers == RESNET_LAYERS:
+        args.layers = SMALL_RESNET_LAYERS
     if args.quick:
         args.images, args.thresholds, args.filters = 4, 3, ["low_pass"]
-        args.layers, args.batch_sizes, args.repeats = ["conv1", "layer4.1.conv2"], [4], 1
+        args.layers = [args.layers[0], args.layers[-1]]
+        args.batch_sizes, args.repeats = [4], 1
     args.batch_sizes = [b for b in args.batch_sizes if b <= args.images] or [args.images]
     return args
 
@@ -599,6 +679,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    global PREFIX_BUDGET
+    PREFIX_BUDGET = args.prefix_cache_mb << 20
+    Evaluator.cache_graphs = not args.no_graph_cache
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
@@ -618,6 +701,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"\nwall time {time.perf_counter() - started:.0f} s, load average "
         f"{os.getloadavg()[0]:.2f} at the end; the speedup line is for {main_result.name}:"
+    )
+    print(
+        f"peak memory: {_peak_memory_text()} (prefix_cache_mb {args.prefix_cache_mb}, FGSM "
+        f"graph cache {'off' if args.no_graph_cache else 'on'}; the whole run, reference included)"
     )
     exact, original, _, of_limit = main_result.speedups("wall")
     if args.engine_only:
