@@ -31,7 +31,7 @@ from .batching import auto_batch_size
 from .cache import tensors_sha256
 from .checks import PlannedCheck, evaluate_check, find_baseline_model, is_check, plan_checks
 from .compare import TransferModel, label_consistency, transferability
-from .data import load_dataset, validate_dataset
+from .data import Dataset, data_key, load_dataset, validate_dataset
 from .devices import (
     describe_device,
     deterministic_settings,
@@ -40,7 +40,7 @@ from .devices import (
     resolve_device,
     seed_everything,
 )
-from .errors import AuditError, DataError, SpecError
+from .errors import AuditError, SpecError
 from .filters import FilterName, SortedScope
 from .layers import AnalysedLayer, select_layers
 from .models import LoadedModel, check_batch, load_model
@@ -141,64 +141,86 @@ class AuditSession:
     # ----------------------------------------------------------------- preparation
     @cached_property
     def prepared(self) -> _Prepared:
+        """The model on its device with the test data, checked on a first batch, and the
+        layers to analyse. Every user-caused error names the spec's file, line and key."""
         t0 = time.perf_counter()
+        seed_everything(self.spec.seed)
+        device, settings = self._device()
+        dataset = self._dataset()
+        loaded = self._model(dataset)
+        data, batch_note = self._on_device(loaded, dataset, device)
+        layers = self._layers(loaded)
+        self.timings["prepare"] = time.perf_counter() - t0
+        return _Prepared(
+            loaded, device, data, layers, settings, state_digest(loaded.module), batch_note
+        )
+
+    def _device(self) -> tuple[torch.device, dict[str, Any]]:
+        """The device asked for (on the command line, else in the spec), made deterministic."""
         spec = self.spec
-        seed_everything(spec.seed)
-        # Every user-caused error below is prefixed with the spec's file, line and key.
         with located_errors(spec, ("device",) if self.device_name == spec.device else ()):
             device = resolve_device(self.device_name)
-        settings = deterministic_settings(device)
-        data_key = ("data", "path") if spec.data.path is not None else ("data",)
-        with located_errors(spec, data_key):
-            dataset = load_dataset(spec.data)
+        return device, deterministic_settings(device)
 
-        def model_key(exc: AuditError) -> tuple[str, ...]:
-            checkpoint = spec.model.checkpoint
-            if isinstance(exc, DataError):
-                return data_key
-            if checkpoint is not None and str(checkpoint) in str(exc):
-                return ("model", "checkpoint")
-            return ("model", "factory")
+    def _dataset(self) -> Dataset:
+        with located_errors(self.spec, data_key(self.spec.data)):
+            return load_dataset(self.spec.data)
 
-        with located_errors(spec, model_key):
+    def _model(self, dataset: Dataset) -> LoadedModel:
+        """The network loaded and probed on the first example, and the data checked against it."""
+        spec = self.spec
+        # Model and checkpoint errors name their key; the data's do not know the spec.
+        with located_errors(spec, data_key(spec.data)):
             loaded = load_model(
                 spec.model,
                 spec.data,
                 spec_dir=spec.spec_dir,
                 example_input=dataset.x[:1],
             )
-        with located_errors(spec, data_key):
             validate_dataset(
                 dataset,
                 num_outputs=loaded.num_outputs,
                 input_range=spec.data.input_range,
                 where=dataset.description,
             )
+        return loaded
+
+    def _on_device(
+        self, loaded: LoadedModel, dataset: Dataset, device: torch.device
+    ) -> tuple[EvalData, str]:
+        """Model and data moved to ``device`` and the batch size chosen, checked on a first
+        batch; running out of memory names data.batch_size."""
+        spec = self.spec
         oom = out_of_memory_as_error(
             batch_size=spec.data.batch_size,
             device=describe_device(device),
             where=locate_message(spec, ("data", "batch_size"), "").rstrip(": "),
             examples=len(dataset),
         )
-        with oom, located_errors(spec, model_key):
+        with oom, located_errors(spec, data_key(spec.data)):
             loaded.module.to(device).eval()
             x, y = dataset.x.to(device), dataset.y.to(device)
-            batch_size, batch_note = spec.data.batch_size, "from the spec"
-            if batch_size == "auto":
-                check_batch(loaded.module, x[:1], y[:1], loaded.num_outputs)
-                with frozen_parameters(loaded.module):
-                    choice = auto_batch_size(loaded.module, x, y, spec.data.input_range)
-                batch_size = choice.batch_size
-                batch_note = choice.describe()
+            batch_size, batch_note = self._batch_size(loaded, x, y)
             data = EvalData(x, y, batch_size)
             first = min(batch_size, data.n)
             check_batch(loaded.module, data.x[:first], data.y[:first], loaded.num_outputs)
-        with located_errors(spec, ("filtering", "layers")):
-            layers = select_layers(loaded.inner, spec.filtering.layers)
-        self.timings["prepare"] = time.perf_counter() - t0
-        return _Prepared(
-            loaded, device, data, layers, settings, state_digest(loaded.module), batch_note
-        )
+        return data, batch_note
+
+    def _batch_size(self, loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor) -> tuple[int, str]:
+        """The spec's batch size, or for ``auto`` the largest that fits (measured), and where
+        it came from."""
+        batch_size = self.spec.data.batch_size
+        if isinstance(batch_size, int):
+            return batch_size, "from the spec"
+        # One example first, so a model that fails on any batch says so before it is measured.
+        check_batch(loaded.module, x[:1], y[:1], loaded.num_outputs)
+        with frozen_parameters(loaded.module):
+            choice = auto_batch_size(loaded.module, x, y, self.spec.data.input_range)
+        return choice.batch_size, choice.describe()
+
+    def _layers(self, loaded: LoadedModel) -> list[AnalysedLayer]:
+        with located_errors(self.spec, ("filtering", "layers")):
+            return select_layers(loaded.inner, self.spec.filtering.layers)
 
     @cached_property
     def splitter(self) -> NetworkSplitter:
