@@ -267,7 +267,9 @@ def _import_file(path: Path, spec: ModelSpec) -> ModuleType:
             key=FACTORY_KEY,
         )
     path = path.resolve()
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    # The content is part of the name: a file edited while the process lives (a pytest session,
+    # a notebook) is imported again, so its new code never runs under a stale module.
+    digest = hashlib.sha256(str(path).encode() + b"\0" + path.read_bytes()).hexdigest()[:12]
     name = f"_inferlink_factory_{path.stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]

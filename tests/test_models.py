@@ -147,6 +147,19 @@ def test_file_factory_next_to_spec(tmp_path: Path) -> None:
     sys.modules.pop("helpers", None)
 
 
+def test_file_factory_edited_in_the_same_process_runs_its_new_code(tmp_path: Path) -> None:
+    # The sweep cache keys on the factory's source: the code that runs must be that source too.
+    net = tmp_path / "net.py"
+    for classes in (3, 4):
+        net.write_text(
+            "from torch import nn\n\n"
+            "class Net(nn.Sequential):\n"
+            "    def __init__(self):\n"
+            f"        super().__init__(nn.Flatten(), nn.Linear(64, {classes}))\n"
+        )
+        assert _load("net.py:Net", spec_dir=tmp_path).num_outputs == classes
+
+
 def test_file_factory_missing(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"models\.py not found.*relative to the spec"):
         _load("models.py:Net", spec_dir=tmp_path)
