@@ -430,3 +430,16 @@ def test_the_command_line_summary_counts_and_lists_uncertain_decisions():
         model, statistics=None, checks=[replace(c, ci=None, certain=None) for c in checks]
     )
     assert "uncertain" not in text_summary(AuditResult(meta={}, models=[plain])).lower()
+
+
+def test_a_statistics_typo_names_the_line_and_the_nearest_key(tmp_path):
+    from inferlink_audit.errors import SpecError
+
+    path = write_spec(tmp_path, statistics={"confidense": 0.9})
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "statistics" in message and "confidence" in message
+    assert f"{path.name}:" in message
+    with pytest.raises(SpecError, match="strict"):
+        load_spec(write_spec(tmp_path, "b.yaml", statistics={"decide": "sure"}))
