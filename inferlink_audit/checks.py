@@ -29,7 +29,7 @@ from .results import (
     ModelResult,
     SweepResult,
 )
-from .scores import Members, fragile_fraction
+from .scores import Members, fragile_fraction, held_tensors
 from .spec import AuditSpec
 from .statistics import (
     Direction,
@@ -467,8 +467,9 @@ def interval_of(
         return accuracy_interval(result.measured, sampling.n, confidence)
     if check == "max_fragile_fraction":
         pairs = _local_draws(planned, m, sampling)
+        members = m.scope_members()
         draws = fragile_fraction_draws(
-            [d for _, d in pairs], [s.numel for s, _ in pairs], planned.response
+            [d for _, d in pairs], [held_tensors(s, members) for s, _ in pairs], planned.response
         )
         return percentile_interval(draws, confidence)
     if check == "max_targeted_layers":

@@ -141,6 +141,15 @@ def scope_members(
     }
 
 
+def held_tensors(sweep: SweepResult, members: Members | None) -> Sequence[tuple[Hashable, int]]:
+    """What a local sweep's scope holds, as (tensor key, numel): its tensors by name when
+    ``members`` (from ``scope_members``) knows the layer, else the layer as one block."""
+    layer = sweep.layer or ""
+    if members is not None and layer in members:
+        return members[layer]
+    return [(("layer", layer), sweep.numel)]
+
+
 def fragile_fraction(
     local_sweeps: Sequence[SweepResult], response: str, members: Members | None = None
 ) -> tuple[float, list[str]]:
@@ -153,16 +162,10 @@ def fragile_fraction(
     The layers come back worst first (most negative score), which is what a failing check shows.
     """
 
-    def held(sweep: SweepResult) -> Sequence[tuple[Hashable, int]]:
-        layer = sweep.layer or ""
-        if members is not None and layer in members:
-            return members[layer]
-        return [(("layer", layer), sweep.numel)]
-
-    sizes = {key: numel for s in local_sweeps for key, numel in held(s)}
+    sizes = {key: numel for s in local_sweeps for key, numel in held_tensors(s, members)}
     fragile = [s for s in local_sweeps if getattr(s.labels, response) == "fragile"]
     fragile.sort(key=lambda s: getattr(s.scores, response))
-    fragile_keys = {key for s in fragile for key, _ in held(s)}
+    fragile_keys = {key for s in fragile for key, _ in held_tensors(s, members)}
     total = sum(sizes.values())
     fraction = sum(sizes[key] for key in fragile_keys) / total if total else 0.0
     return fraction, [s.layer or "" for s in fragile]

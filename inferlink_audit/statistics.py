@@ -22,7 +22,7 @@ within the limit; ``lenient`` fails only when the whole interval is beyond it. A
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +31,7 @@ from scipy.integrate import simpson
 from scipy.stats import norm
 
 from .results import SweepOutcomes, SweepStatistics
-from .scores import alpha_hat
+from .scores import ROUNDING, alpha_hat
 
 Decide = Literal["estimate", "strict", "lenient"]
 Direction = Literal["max", "min"]  # the measured value must stay <= or >= the limit
@@ -110,8 +110,8 @@ class SweepDraws:
 def _label_codes(phi: np.ndarray, gain: np.ndarray, tolerance: float) -> np.ndarray:
     """``scores.label_of`` for every resample at once."""
     codes = np.full(phi.shape, _ROBUST, dtype=np.int8)
-    codes[phi < -tolerance] = _FRAGILE
-    codes[gain > tolerance] = _ANTIFRAGILE
+    codes[phi < -tolerance - ROUNDING] = _FRAGILE
+    codes[gain > tolerance + ROUNDING] = _ANTIFRAGILE
     return codes
 
 
@@ -154,7 +154,7 @@ def bootstrap_sweep(
             "clean": _label_codes(phi_c, gain_c, tolerance),
             "adversarial": _label_codes(phi_a, gain_a, tolerance),
         },
-        targeted=phi_d < -tolerance,
+        targeted=phi_d < -tolerance - ROUNDING,
     )
 
 
@@ -198,14 +198,30 @@ class Sampling:
 
 
 def fragile_fraction_draws(
-    draws: Sequence[SweepDraws], numels: Sequence[int], response: str
+    draws: Sequence[SweepDraws],
+    held: Sequence[Sequence[tuple[Hashable, int]]],
+    response: str,
 ) -> np.ndarray:
-    """The fragile-parameter fraction of local sweeps under each resample."""
-    total = float(sum(numels))
-    if not draws or total <= 0:
+    """The fragile-parameter fraction of local sweeps under each resample.
+
+    ``held[i]`` is what sweep i's scope holds, as (tensor key, numel): a tensor held by several
+    layers (tied weights) counts once, and as fragile when any layer holding it is fragile —
+    the same rule as ``scores.fragile_fraction``.
+    """
+    keys = list(dict.fromkeys(key for scope in held for key, _ in scope))
+    if not draws or not keys:
         return np.zeros(0)
-    fragile = np.stack([d.fragile(response) for d in draws]).astype(np.float64)
-    return np.asarray(numels, dtype=np.float64) @ fragile / total
+    sizes = dict(pair for scope in held for pair in scope)
+    index = {key: i for i, key in enumerate(keys)}
+    holders = np.zeros((len(keys), len(draws)), dtype=bool)
+    for j, scope in enumerate(held):
+        for key, _ in scope:
+            holders[index[key], j] = True
+    fragile = np.stack([d.fragile(response) for d in draws]).astype(bool)  # sweeps × resamples
+    tensor_fragile = (holders.astype(np.int64) @ fragile.astype(np.int64)) > 0
+    numels = np.array([sizes[key] for key in keys], dtype=np.float64)
+    total = numels.sum()
+    return numels @ tensor_fragile / total if total > 0 else np.zeros(fragile.shape[1])
 
 
 def targeted_count_draws(draws: Sequence[SweepDraws]) -> np.ndarray:

@@ -6,6 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,15 +25,17 @@ from inferlink_audit.results import (
     result_to_dict,
     write_results,
 )
-from inferlink_audit.scores import integrate, score_curves
+from inferlink_audit.scores import held_tensors, integrate, score_curves
 from inferlink_audit.spec import StatisticsSpec
 from inferlink_audit.spec_loader import load_spec
 from inferlink_audit.statistics import (
     LABELS,
     Sampling,
+    SweepDraws,
     accuracy_interval,
     bootstrap_sweep,
     decide,
+    fragile_fraction_draws,
     percentile_interval,
     resample_indices,
     resample_weights,
@@ -157,6 +160,27 @@ def test_paired_bootstrap_matches_a_slow_loop_over_resamples():
 )
 def test_decide_modes_on_a_max_check(ci, mode, passed, certain):
     assert decide(0.39, 0.40, ci, "max", mode) == (passed, certain)
+
+
+def test_fragile_fraction_draws_count_a_tied_tensor_once_as_the_point_value_does():
+    # Three layers, a and b tied; per resample, each layer fragile or not.
+    members = {"a": [("w", 30)], "b": [("w", 30)], "c": [("c.weight", 10)]}
+    rng = np.random.default_rng(0)
+    fragile = rng.random((3, 64)) < 0.5
+    draws = [
+        SweepDraws(
+            scores={},
+            antifragile_area={},
+            labels={"clean": np.where(f, LABELS.index("fragile"), LABELS.index("robust"))},
+            targeted=np.zeros(64, dtype=bool),
+        )
+        for f in fragile
+    ]
+    sweeps = [SimpleNamespace(layer=name, numel=n) for name, n in (("a", 30), ("b", 30), ("c", 10))]
+    got = fragile_fraction_draws(draws, [held_tensors(s, members) for s in sweeps], "clean")
+    for k in range(64):
+        shared = fragile[0, k] or fragile[1, k]
+        assert got[k] == pytest.approx((30 * shared + 10 * fragile[2, k]) / 40, abs=1e-15)
 
 
 def test_decide_on_a_min_check_mirrors_the_max_check():
