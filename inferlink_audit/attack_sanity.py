@@ -20,7 +20,7 @@ Every indicator is a number compared with a limit (the item passes when measured
 * ``unbounded_not_broken``: accuracy of the iterative attack when ε covers the whole input
   box (any input is allowed, so it should be ≈ 0);
 * ``black_box_stronger``: accuracy under the white-box attack minus accuracy under the
-  gradient-free Square attack (1000 queries) at the same L∞ ε;
+  gradient-free Square attack (1000 queries) at the same ε and norm;
 * ``not_converged``: share of unbroken examples whose best APGD loss still rose by more than
   5% of its total rise over the last tenth of the steps.
 """
@@ -102,9 +102,8 @@ def applicable(spec: AttackSpec) -> list[str]:
     names = ["masked_gradients", "eps_not_monotone"]
     if iterative(spec):
         names += ["iterative_weaker", "unbounded_not_broken"]
-        linf = getattr(spec, "norm", "linf") == "linf"
         standard = isinstance(spec, AutoAttackSpec) and spec.version == "standard"
-        if linf and not standard:  # the standard ensemble runs Square itself
+        if not standard:  # the standard ensemble runs Square itself
             names.append("black_box_stronger")
     if isinstance(spec, APGDSpec):
         names.append("not_converged")
@@ -288,7 +287,8 @@ class SanityRunner:
         if self.data.x.dim() != 4:
             detail = "not measured: the Square attack needs image inputs [N, C, H, W]"
             return Indicator("black_box_stronger", spec.id, 0.0, limit, detail, ())
-        square = SquareSpec(eps=eps, queries=SQUARE_QUERIES)
+        norm = "linf" if isinstance(spec, FGSMSpec) else spec.norm
+        square = SquareSpec(eps=eps, norm=norm, queries=SQUARE_QUERIES)
         accuracy, black = self.accuracy(spec), self.accuracy(square)
         measured = accuracy - black
         examples = _examples(self.correct_under(spec) & ~self.correct_under(square))

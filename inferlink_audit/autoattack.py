@@ -6,7 +6,7 @@ that every earlier component left correctly classified; an example counts as rob
 all of them fail on it.
 
 * ``standard``: APGD-CE (100 steps), APGD-T (targeted DLR, 100 steps, the 9 most likely other
-  classes), and for L∞ the Square attack (5000 queries). The published ensemble also runs
+  classes), and the Square attack (5000 queries, L∞ or L2). The published ensemble also runs
   FAB-T; it is not implemented here, and the authors report it rarely breaks an example the
   other three leave (Croce & Hein 2020, Table 2).
 * ``fast``: APGD-CE and APGD-DLR (untargeted), 100 steps each: gradient attacks only, about a
@@ -43,9 +43,8 @@ def components(spec: AutoAttackSpec, input_range: tuple[float, float], seed: int
         target_classes=TARGETS,
     )
     attacks: list[Attack] = [APGD(ce, input_range, seed), APGD(targeted, input_range, seed)]
-    if spec.norm == "linf":
-        square = SquareSpec(eps=spec.eps, queries=SQUARE_QUERIES)
-        attacks.append(Square(square, input_range, seed))
+    square = SquareSpec(eps=spec.eps, norm=spec.norm, queries=SQUARE_QUERIES)
+    attacks.append(Square(square, input_range, seed))
     return attacks
 
 

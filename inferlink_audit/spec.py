@@ -287,10 +287,10 @@ class APGDSpec(_Strict):
 
 
 class SquareSpec(_Strict):
-    """Square attack (Andriushchenko et al., 2020): score-based, gradient-free, L∞."""
+    """Square attack (Andriushchenko et al., 2020): score-based, gradient-free, L∞ or L2."""
 
     eps: Annotated[float, Field(gt=0.0)]
-    norm: Literal["linf"] = "linf"
+    norm: Norm = "linf"
     queries: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     p_init: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from inferlink_audit.data import load_dataset
 from inferlink_audit.errors import UnsupportedError
-from inferlink_audit.spec import SquareSpec
-from inferlink_audit.square import Square, square_fraction
+from inferlink_audit.spec import DataSourceSpec, SquareSpec
+from inferlink_audit.square import Square, eta, square_fraction
 
 from .test_apgd import WIDE_BOX, inputs, linear_model, predicted_correct, robust_by_closed_form
 
@@ -27,18 +28,22 @@ class Counting(nn.Module):
         return self.inner(x)
 
 
-def test_square_respects_its_eps_box_and_query_budget():
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.05), ("l2", 0.5)])
+def test_square_respects_its_eps_box_and_query_budget(norm, eps):
     model = Counting(linear_model(5))
     x, y = inputs(60), torch.arange(60) % 5
-    attack = Square(SquareSpec(eps=0.05, queries=40), (0.0, 1.0), 0)
+    attack = Square(SquareSpec(eps=eps, norm=norm, queries=40), (0.0, 1.0), 0)
     with torch.no_grad():
         active = model(x).argmax(1) == y
     model.rows = 0
     adversarial, used = attack.perturb(model, x, y, active, offset=0)
-    assert (adversarial - x).abs().max() <= 0.05 + 1e-7
+    delta = (adversarial - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= eps + 1e-6
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     assert used.max() <= 40 and model.rows == int(used.sum())
     assert torch.equal(adversarial[~active], x[~active]) and used[~active].eq(0).all()
+    assert (size[active] > 0).all()  # every attacked example was moved
     # Through the attack interface: one clean pass more, nothing else.
     model.rows = 0
     attack(model, x, y)
@@ -66,10 +71,11 @@ def test_square_schedule_halves_the_window_at_the_published_iterations():
     assert square_fraction(0.8, 101, 1000) == 0.8 / 32
 
 
-def test_square_example_is_the_same_in_any_batch():
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
+def test_square_example_is_the_same_in_any_batch(norm, eps):
     model, x = linear_model(5), inputs(100)
     y = torch.arange(100) % 5
-    attack = Square(SquareSpec(eps=0.1, queries=30), (0.0, 1.0), 2)
+    attack = Square(SquareSpec(eps=eps, norm=norm, queries=30), (0.0, 1.0), 2)
     whole = attack(model, x, y).adversarial
     parts = torch.cat(
         [
@@ -78,6 +84,28 @@ def test_square_example_is_the_same_in_any_batch():
         ]
     )
     assert torch.allclose(whole, parts, atol=1e-6)
+
+
+def test_square_l2_pattern_is_the_published_eta():
+    # Side 3, by hand from the authors' rectangles: the upper row holds one ring around its
+    # centre (weights 1/(k+1)²: [1/4, 1 + 1/4, 1/4]), the lower 2×3 block the same rings,
+    # negated; each half has unit norm, then the whole.
+    top = torch.tensor([[1.0, 5.0, 1.0]])
+    bottom = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0]])
+    expected = torch.cat([top / top.norm(), -bottom / bottom.norm()]) / 2**0.5
+    assert torch.allclose(eta(3, like=torch.zeros(1)), expected)
+
+
+def test_square_l2_breaks_digits_examples_apgd_l2_also_breaks(repo_root):
+    from .test_apgd import digits_model
+
+    model = digits_model(repo_root)
+    data = load_dataset(DataSourceSpec(source="sklearn_digits", split="test", limit=60))
+    adversarial = Square(SquareSpec(eps=0.5, norm="l2", queries=200), (0.0, 1.0), 0)(
+        model, data.x, data.y
+    ).adversarial
+    clean = predicted_correct(model, data.x, data.y)
+    assert (clean & ~predicted_correct(model, adversarial, data.y)).sum() > 0
 
 
 def test_square_needs_images():
