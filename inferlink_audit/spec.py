@@ -166,6 +166,11 @@ class FilteringSpec(_Strict):
     tolerance: Annotated[float, Field(ge=0.0)] = 0.05
     range: tuple[float, float] | None = None
     fast: bool = False
+    # Memory for the activations a local sweep reuses: every storage the cache keeps alive
+    # (FGSM's saved autograd tensors, live and skip values) counts, and a scope whose cache
+    # would not fit runs whole. 2 GiB keeps an audit within a 7 GB CI runner; on a
+    # 16/32/64-channel ResNet with 1,024 32x32 images the deepest FGSM cache needs 1.05 GB and
+    # saves 1.45x per variant there (benchmarks/README.md).
     prefix_cache_mb: Annotated[int, Field(ge=0)] = 2048
 
     @model_validator(mode="after")
