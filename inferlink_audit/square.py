@@ -51,10 +51,16 @@ class Square(Attack):
     L∞: starts from vertical stripes of ±ε, then per iteration changes one random square
     window of every unbroken example to ±ε per channel. L2: starts from a grid of ±η tiles
     and per iteration moves the perturbation's mass from one random window into another
-    with a new ±η pattern, at norm ε. Either keeps a change when the margin loss falls. One query is one forward pass of one example; an example stops querying once it is
+    with a new ±η pattern, at norm ε. Either keeps a change when the margin loss falls.
+
+    One query is one forward pass of one example; an example stops querying once it is
     misclassified, and uses at most ``queries`` (the start included). Inputs must be images
     ``[N, C, H, W]``. Departure from the authors' loop: a proposal that would leave the window
-    unchanged is negated instead of redrawn, so every query changes the input.
+    unchanged is negated instead of redrawn, so every query changes the input; and a window may
+    sit at every position, the last row and column included (the authors' ``randint(0, h − s)``
+    never reaches them, which on 8×8 digits leaves a border never attacked: there this Square
+    leaves 41% accuracy at ε = 0.1 and 5000 queries, torchattacks' 56%, and this one with the
+    authors' positions 56% too).
     """
 
     spec: SquareSpec
