@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    run.add_argument(
+        "--shard",
+        metavar="I/N",
+        default=None,
+        help="run shard I of N (a share of the sweeps, balanced by cost) and write its "
+        "results.json only; join the N shards with 'inferlink-audit merge'",
+    )
     init = sub.add_parser(
         "init",
         help="write a starter spec; with a model, checkpoint and data, fill the layers and "
@@ -93,6 +100,11 @@ def _run(args: argparse.Namespace) -> int:
 
     # The spec first: a mistake in it is reported before torch is imported (seconds).
     spec = load_spec(args.spec)
+    shard = None
+    if args.shard is not None:
+        from .shards import parse_shard
+
+        shard = parse_shard(args.shard)
     try:
         from tqdm.auto import tqdm
 
@@ -120,17 +132,29 @@ def _run(args: argparse.Namespace) -> int:
         )
         try:
             with oom:
-                result, _, _ = run_audit(
-                    spec,
-                    device=args.device,
-                    on_variant=lambda where: bar.update(1),
-                    output_dir=out,
-                )
+                if shard is None:
+                    result, _, _ = run_audit(
+                        spec,
+                        device=args.device,
+                        on_variant=lambda where: bar.update(1),
+                        output_dir=out,
+                    )
+                else:
+                    from .shards import run_shard
+
+                    result = run_shard(
+                        spec,
+                        shard,
+                        device=args.device,
+                        on_variant=lambda where: bar.update(1),
+                        output_dir=out,
+                    )
         finally:
             bar.close()
         try:
             results_path = write_results(result, out / "results.json")
-            report_path = render_report(result, out)
+            # A shard's report would show a part of the audit: merge writes the whole one.
+            report_path = render_report(result, out) if shard is None else None
         except OSError as exc:
             raise OutputError(
                 f"cannot write the results to {out} ({exc.strerror or exc}); free some space or "
@@ -141,6 +165,10 @@ def _run(args: argparse.Namespace) -> int:
     except AuditError as exc:
         _name_the_spec(exc, spec, args.spec)
         raise
+    if shard is not None:
+        held = len(result.meta["shard"]["sweeps"])
+        print(f"shard {shard}: {held} sweep groups; results: {results_path}")
+        return EXIT_PASS if result.passed else EXIT_FAIL
     if not args.quiet:
         print(text_summary(result))
     print(f"results: {results_path}\nreport:  {report_path}")
@@ -272,10 +300,15 @@ def _merge(args: argparse.Namespace) -> int:
     runs = []
     for path in args.results:
         runs.append(read_results(path))  # its errors name the file
-    merged = AuditResult(
-        meta={**runs[0].meta, "merged_from": [str(p) for p in args.results]},
-        models=[model for run in runs for model in run.models],
-    )
+    from .shards import is_shard, merge_shards
+
+    if any(is_shard(run) for run in runs):
+        merged = merge_shards(list(zip(args.results, runs, strict=True)))
+    else:
+        merged = AuditResult(
+            meta={**runs[0].meta, "merged_from": [str(p) for p in args.results]},
+            models=[model for run in runs for model in run.models],
+        )
     try:
         write_results(merged, args.out / "results.json")
         report = render_report(merged, args.out)

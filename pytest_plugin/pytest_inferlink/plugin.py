@@ -12,12 +12,16 @@ kept in ``config.stash`` and unregistered in ``pytest_unconfigure``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .items import MARKER, SpecFile
+from .items import MARKER, CheckItem, SpecFile
 from .runner import AuditPlugin
 from .stash import PLUGIN_KEY
+
+if TYPE_CHECKING:
+    from inferlink_audit.shards import Shard
 
 __all__ = [
     "DEFAULT_REPORT_DIR",
@@ -29,6 +33,7 @@ __all__ = [
     "OPTION_AUDIT",
     "OPTION_DEVICE",
     "OPTION_REPORT",
+    "OPTION_SHARD",
     "configured_specs",
 ]
 
@@ -36,14 +41,17 @@ GROUP = "inferlink"
 OPTION_AUDIT = "--inferlink-audit"
 OPTION_REPORT = "--inferlink-report"
 OPTION_DEVICE = "--inferlink-device"
+OPTION_SHARD = "--inferlink-shard"
 INI_AUDIT = "inferlink_audit"
 INI_REPORT = "inferlink_report"
 INI_DEVICE = "inferlink_device"
+INI_SHARD = "inferlink_shard"
 DEFAULT_REPORT_DIR = "inferlink-report"
 SPEC_SUFFIXES = (".yaml", ".yml")
 
 _PLUGIN_NAME = "inferlink-audit"
 _XDIST_PLUGIN_NAME = "inferlink-audit-xdist"
+_SHARD_KEY: pytest.StashKey[Shard] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -80,7 +88,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         INI_REPORT, type="string", default="", help="report folder, relative to the rootdir."
     )
+    group.addoption(
+        OPTION_SHARD,
+        dest="inferlink_shard",
+        default=None,
+        metavar="I/N",
+        help="run shard I of N: the audit items of a deterministic share of the sweeps, "
+        "balanced by estimated cost (model-wide checks run in shard 1).",
+    )
     parser.addini(INI_DEVICE, type="string", default="", help="device for every audit spec.")
+    parser.addini(INI_SHARD, type="string", default="", help="shard I/N of the audit items.")
 
 
 def configured_specs(config: pytest.Config) -> list[Path]:
@@ -155,6 +172,14 @@ def pytest_configure(config: pytest.Config) -> None:
         # Overlapping arguments (a spec inside a folder given positionally) are collected
         # once: pytest normalises them unless --keep-duplicates.
         config.args = [*config.args, *(str(p) for p in specs if str(p) not in config.args)]
+    shard_text = config.getoption("inferlink_shard") or str(config.getini(INI_SHARD) or "")
+    if shard_text:
+        from inferlink_audit.shards import ShardError, parse_shard
+
+        try:
+            config.stash[_SHARD_KEY] = parse_shard(shard_text, OPTION_SHARD)
+        except ShardError as exc:
+            raise pytest.UsageError(str(exc)) from None
     plugin = AuditPlugin(config, specs, report_dir=_report_dir(config), device=_device(config))
     config.stash[PLUGIN_KEY] = plugin
     config.pluginmanager.register(plugin, _PLUGIN_NAME)
@@ -170,6 +195,39 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> SpecFile |
     if plugin is None or not plugin.is_spec(file_path):
         return None
     return SpecFile.from_parent(parent, path=file_path)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With a shard, keep the items of its sweep groups (planned over every spec's groups by
+    ``inferlink_audit.shards``) and, in shard 1, the model-wide items; deselect the rest.
+
+    First among the hooks, so ``-k`` or a reordering plugin cannot change the plan: every
+    shard plans over the same groups, in the order the specs were given."""
+    shard = config.stash.get(_SHARD_KEY, None)
+    if shard is None:
+        return
+    from inferlink_audit.shards import plan_shards, sweep_costs
+
+    audit_items = [item for item in items if isinstance(item, CheckItem)]
+    spec_files = {item.spec_file.spec_index: item.spec_file for item in audit_items}
+    costs: dict[tuple[int, str, str], int] = {}
+    for index in sorted(spec_files):
+        for (f, a), cost in sweep_costs(spec_files[index].spec).items():
+            costs[(index, f, a)] = cost
+    mine = set(plan_shards(costs, shard.count)[shard.index - 1])
+
+    def kept(item: CheckItem) -> bool:
+        planned = item.planned
+        if planned.filter is None:
+            return shard.index == 1
+        return (item.spec_file.spec_index, planned.filter, planned.attack or "") in mine
+
+    deselected = [item for item in audit_items if not kept(item)]
+    if deselected:
+        dropped = set(map(id, deselected))
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if id(item) not in dropped]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,0 +1,380 @@
+"""CI shards: each job runs a deterministic share of an audit's sweeps; ``merge`` joins them.
+
+A sweep group (one filter under one attack: every local sweep and the global one) is the unit
+of work, as it is for pytest-xdist's scheduling. Groups are assigned to shards by greedy
+longest-processing-time on an estimated cost (weights swept × thresholds × passes per
+example), so every shard of a given spec and count computes the same plan without talking to
+the others. Shard 1 also computes the model-wide work (clean accuracy, the attacks on the
+unfiltered network, the Lipschitz bounds, the attack-failure indicators) and its checks.
+
+A shard's results.json records, in ``meta.shard``, which groups it holds and every check the
+spec plans; ``merge_shards`` refuses shards of different specs, checkpoints or versions and
+missing or duplicate shards, joins the sweeps in the serial run's order and evaluates every
+check again on the joined records, so the merged file equals a serial run's (meta aside).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .attack_sanity import Indicator
+from .checks import PlannedCheck, evaluate_check, find_baseline_model, is_check, plan_checks
+from .errors import AuditError
+from .results import (
+    AttackResult,
+    AuditResult,
+    CheckResult,
+    LipschitzResult,
+    ModelResult,
+    SweepResult,
+    read_results,
+)
+from .scores import Members
+from .spec import AuditSpec
+
+if TYPE_CHECKING:
+    from .audit import AuditSession
+
+__all__ = [
+    "Shard",
+    "ShardError",
+    "attack_passes",
+    "is_shard",
+    "merge_shards",
+    "parse_shard",
+    "plan_shards",
+    "run_shard",
+    "shard_of_spec",
+    "sweep_costs",
+    "sweep_keys",
+]
+
+SweepKey = tuple[str, str]  # (filter, attack id): one sweep group
+K = TypeVar("K", bound=Hashable)
+
+# Gradient or query passes per example for the attacks whose spec gives no step count.
+_AUTOATTACK_PASSES = {"standard": 400, "fast": 200}
+
+
+class ShardError(AuditError):
+    """Shards that cannot be run or merged as asked: a malformed ``i/n``, a spec a shard cannot
+    split, or shard files that do not belong to one run."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``, counted from 1 (``--shard 2/3``)."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str, option: str = "--shard") -> Shard:
+    """``"i/n"`` with 1 ≤ i ≤ n, or a ``ShardError`` naming ``option``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None or not 1 <= int(match[1]) <= int(match[2]):
+        raise ShardError(
+            f"{option} {text!r}: expected INDEX/COUNT with 1 <= INDEX <= COUNT, e.g. 1/2 and "
+            "2/2 for two jobs."
+        )
+    return Shard(int(match[1]), int(match[2]))
+
+
+# --------------------------------------------------------------------------- planning
+def sweep_keys(spec: AuditSpec) -> list[SweepKey]:
+    """Every sweep group of the spec, in the serial run's order (filters, then attacks)."""
+    return [(f, a.id) for f in spec.filtering.filters for a in spec.attack_specs]
+
+
+def attack_passes(attack: Any, adversarial_source: str) -> int:
+    """Forward(-backward) passes per example to evaluate one filtered variant under ``attack``:
+    clean and adversarial predictions, plus the attack itself when it runs on every variant."""
+    if adversarial_source != "filtered":
+        return 2  # the adversarial examples are made once, on the unfiltered network
+    kind = attack.kind
+    if kind == "fgsm":
+        steps = 1
+    elif kind == "gaussian":
+        steps = 0
+    elif kind == "lbfgs":
+        steps = attack.max_iter
+    elif kind == "apgd":
+        steps = attack.steps * attack.restarts
+    elif kind == "square":
+        steps = attack.queries
+    elif kind == "autoattack":
+        steps = _AUTOATTACK_PASSES.get(attack.version, 400)
+    else:
+        steps = int(getattr(attack, "steps", 1))
+    return 2 + steps
+
+
+def sweep_costs(spec: AuditSpec, layer_numels: Sequence[int] | None = None) -> dict[SweepKey, int]:
+    """Each sweep group's estimated cost: weights swept (every local scope and the global one)
+    × thresholds × passes per example. Without ``layer_numels`` each scope kind counts 1; the
+    assignment of one spec's groups is the same either way (the weights are a common factor)."""
+    filtering = spec.filtering
+    numel = sum(layer_numels) if layer_numels is not None else 1
+    weights = numel * len(filtering.scopes)
+    return {
+        (f, a.id): weights * filtering.thresholds * attack_passes(a, filtering.adversarial_source)
+        for f in filtering.filters
+        for a in spec.attack_specs
+    }
+
+
+def plan_shards(costs: Mapping[K, int], count: int) -> list[list[K]]:
+    """Greedy longest-processing-time: the costliest group first, each to the least loaded
+    shard (the lowest index on a tie). Deterministic for a given mapping order; each shard's
+    groups keep that order."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    position = {key: i for i, key in enumerate(costs)}
+    loads = [0] * count
+    assigned: list[list[K]] = [[] for _ in range(count)]
+    for key in sorted(costs, key=lambda k: (-costs[k], position[k])):
+        target = min(range(count), key=lambda j: (loads[j], j))
+        loads[target] += costs[key]
+        assigned[target].append(key)
+    return [sorted(keys, key=position.__getitem__) for keys in assigned]
+
+
+def shard_of_spec(
+    spec: AuditSpec, shard: Shard, layer_numels: Sequence[int] | None = None
+) -> list[SweepKey]:
+    """The sweep groups shard ``shard`` computes, in serial order."""
+    return plan_shards(sweep_costs(spec, layer_numels), shard.count)[shard.index - 1]
+
+
+def in_shard(planned: PlannedCheck, keys: Sequence[SweepKey], shard: Shard) -> bool:
+    """Whether the shard evaluates ``planned``: a sweep check with its group, the rest on 1."""
+    if planned.filter is not None:
+        return (planned.filter, planned.attack or "") in keys
+    return shard.index == 1
+
+
+def _refuse_unsplittable(spec: AuditSpec) -> None:
+    from .spec_loader import locate_message
+
+    reasons = {
+        "compare": "compared models are audited together",
+        "remediation": "selective retraining needs every sweep's labels",
+        "statistics": "intervals need per-example outcomes, which results.json does not keep",
+    }
+    for key, why in reasons.items():
+        if getattr(spec, key):
+            raise ShardError(
+                locate_message(
+                    spec,
+                    (key,),
+                    f"a spec with '{key}' cannot run in shards yet ({why}); run it without "
+                    "--shard.",
+                )
+            )
+
+
+def run_shard(
+    spec: AuditSpec,
+    shard: Shard,
+    *,
+    device: str | None = None,
+    on_variant: Callable[[str], None] | None = None,
+    output_dir: Path | None = None,
+) -> AuditResult:
+    """The shard's sweeps and the checks that read only them (shard 1: the model-wide work
+    too), as a results.json marked ``meta.shard``."""
+    from .audit import AuditSession
+
+    _refuse_unsplittable(spec)
+    t0 = time.perf_counter()
+    session = AuditSession(spec, device=device, on_variant=on_variant, output_dir=output_dir)
+    numels = [layer.numel for layer in session.prepared.layers]
+    costs = sweep_costs(spec, numels)
+    keys = plan_shards(costs, shard.count)[shard.index - 1]
+    planned = [p for p in plan_checks(spec) if is_check(p)]
+    checks = [session.evaluate(p) for p in planned if in_shard(p, keys, shard)]
+    model = _shard_model(session, shard, keys, checks)
+    meta = session.meta(time.perf_counter() - t0)
+    meta["shard"] = {
+        "index": shard.index,
+        "count": shard.count,
+        "sweeps": [list(k) for k in keys],
+        "all_sweeps": [list(k) for k in costs],
+        "costs": [costs[k] for k in costs],
+        "checks": [asdict(p) for p in planned],
+        "members": session.scope_members(),
+        "baseline": None if spec.baseline is None else str(spec.baseline),
+    }
+    return AuditResult(meta=meta, models=[model])
+
+
+def _shard_model(
+    session: AuditSession, shard: Shard, keys: Sequence[SweepKey], checks: list[CheckResult]
+) -> ModelResult:
+    spec, p = session.spec, session.prepared
+    first = shard.index == 1
+    return ModelResult(
+        name=spec.name,
+        checkpoint_sha256=p.loaded.checkpoint_sha256,
+        n_examples=p.data.n,
+        clean_accuracy=session.clean_accuracy(),
+        attacks=[session.attack_result(a.id) for a in spec.attack_specs] if first else [],
+        sweeps=[s for f, a in keys for s in session.sweeps(f, a)],
+        lipschitz=session.lipschitz if first else None,
+        remediation=None,
+        checks=checks,
+        spec_path=str(spec.source_path or ""),
+        layers=[{"name": x.name, "type": x.type, "numel": x.numel} for x in p.layers],
+        tolerance=spec.filtering.tolerance,
+        values=spec.filtering.values,
+        adversarial_source=spec.filtering.adversarial_source,
+    )
+
+
+# --------------------------------------------------------------------------- merging
+def is_shard(result: AuditResult) -> bool:
+    return isinstance(result.meta.get("shard"), dict)
+
+
+def _refuse_mismatch(runs: Sequence[tuple[Path, AuditResult]], what: str, value: Any) -> None:
+    """One paragraph naming each file with its value, when the files disagree on ``what``."""
+    values = [value(run) for _, run in runs]
+    if len({repr(v) for v in values}) <= 1:
+        return
+    listed = "; ".join(f"{path}: {v}" for (path, _), v in zip(runs, values, strict=True))
+    raise ShardError(
+        f"cannot merge shards of different {what} ({listed}); merge the shards of one run, "
+        "made from the same spec, checkpoint and versions."
+    )
+
+
+def _check_complete(runs: Sequence[tuple[Path, AuditResult]]) -> int:
+    count = runs[0][1].meta["shard"]["count"]
+    by_index: dict[int, list[Path]] = {}
+    for path, run in runs:
+        by_index.setdefault(run.meta["shard"]["index"], []).append(path)
+    duplicates = {i: paths for i, paths in by_index.items() if len(paths) > 1}
+    if duplicates:
+        listed = "; ".join(
+            f"shard {i}/{count} in {', '.join(map(str, paths))}"
+            for i, paths in sorted(duplicates.items())
+        )
+        raise ShardError(f"cannot merge: duplicate shards ({listed}); give each shard once.")
+    missing = [i for i in range(1, count + 1) if i not in by_index]
+    if missing:
+        given = ", ".join(
+            f"{path} (shard {run.meta['shard']['index']}/{count})" for path, run in runs
+        )
+        raise ShardError(
+            f"cannot merge: shard {', '.join(f'{i}/{count}' for i in missing)} missing; given "
+            f"{given}. Download every shard's results.json before merging."
+        )
+    return count
+
+
+def _validated(runs: Sequence[tuple[Path, AuditResult]]) -> None:
+    plain = [str(path) for path, run in runs if not is_shard(run)]
+    if plain:
+        raise ShardError(
+            f"cannot merge shards with whole runs ({', '.join(plain)} not written with "
+            "--shard); merge either the shards of one run or whole runs."
+        )
+    _refuse_mismatch(runs, "specs (spec_sha256)", lambda r: r.meta.get("spec_sha256"))
+    _refuse_mismatch(
+        runs,
+        "checkpoints (checkpoint_sha256)",
+        lambda r: [m.checkpoint_sha256 for m in r.models],
+    )
+    _refuse_mismatch(
+        runs,
+        "versions (inferlink-audit, torch)",
+        lambda r: f"inferlink-audit {r.meta.get('version')}, torch {r.meta.get('torch')}",
+    )
+    _refuse_mismatch(runs, "shard counts", lambda r: r.meta["shard"]["count"])
+
+
+class _Merged:
+    """``Measurements`` over joined shard records: what the checks read, nothing computed."""
+
+    def __init__(
+        self,
+        model: ModelResult,
+        recorded: Mapping[str, CheckResult],
+        members: Members,
+        baseline: str | None,
+        spec_path: str,
+    ) -> None:
+        self.model, self.recorded, self.members = model, recorded, members
+        self.baseline, self.spec_path = baseline, spec_path
+
+    def clean_accuracy(self) -> float:
+        return self.model.clean_accuracy
+
+    def attack_result(self, attack_id: str) -> AttackResult:
+        return next(a for a in self.model.attacks if a.id == attack_id)
+
+    def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]:
+        return [s for s in self.model.sweeps if s.filter == filter_name and s.attack == attack_id]
+
+    @property
+    def lipschitz(self) -> LipschitzResult:
+        assert self.model.lipschitz is not None  # shard 1 always records it
+        return self.model.lipschitz
+
+    def remediation(self) -> dict[str, Any] | None:
+        return None  # refused by run_shard
+
+    def transfer(self) -> list[dict[str, Any]]:
+        return []  # refused by run_shard
+
+    def baseline_model(self) -> ModelResult:
+        assert self.baseline is not None  # planned only with a baseline
+        return find_baseline_model(
+            read_results(self.baseline),
+            self.model.name,
+            baseline=Path(self.baseline),
+            spec=Path(self.spec_path) if self.spec_path else None,
+            line=None,
+        )
+
+    def scope_members(self) -> Members:
+        return self.members
+
+    def attack_indicator(self, name: str, attack_id: str | None, limit: float) -> Indicator:
+        # Shard 1 measured the indicator on the model itself; its record is the measurement.
+        record = self.recorded[name if attack_id is None else f"{attack_id}-{name}"]
+        return Indicator(name, attack_id, record.measured, limit, record.detail, ())
+
+
+def merge_shards(runs: Sequence[tuple[Path, AuditResult]]) -> AuditResult:
+    """One results.json from every shard of one run, with every check evaluated on the joined
+    sweeps: equal to the serial run's but for ``meta``."""
+    _validated(runs)
+    _check_complete(runs)
+    ordered = sorted(runs, key=lambda pr: int(pr[1].meta["shard"]["index"]))
+    first = ordered[0][1]
+    info = first.meta["shard"]
+    by_key: dict[SweepKey, list[SweepResult]] = {}
+    for _, run in ordered:
+        for s in run.models[0].sweeps:
+            by_key.setdefault((s.filter, s.attack), []).append(s)
+    base = first.models[0]
+    sweeps = [s for f, a in info["all_sweeps"] for s in by_key.get((f, a), [])]
+    joined = replace(base, sweeps=sweeps, checks=[])
+    recorded = {c.id: c for c in base.checks}
+    members = {layer: [tuple(m) for m in pairs] for layer, pairs in info["members"].items()}
+    measurements = _Merged(joined, recorded, members, info.get("baseline"), base.spec_path)
+    planned = [PlannedCheck(**p) for p in info["checks"]]
+    checks = [evaluate_check(p, measurements) for p in planned]
+    meta = {k: v for k, v in first.meta.items() if k != "shard"}
+    meta["merged_from"] = [str(path) for path, _ in ordered]
+    meta["shard_seconds"] = [run.meta.get("seconds") for _, run in ordered]
+    return AuditResult(meta=meta, models=[replace(joined, checks=checks)])

@@ -1,0 +1,295 @@
+"""CI shards: the plan (deterministic, complete, balanced by cost), two shards merged equal to a
+serial run, merge's refusals, and the pytest option's selection."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from pytest_inferlink.plugin import OPTION_AUDIT, OPTION_SHARD
+
+from inferlink_audit.cli import main
+from inferlink_audit.results import read_results
+from inferlink_audit.shards import (
+    ShardError,
+    attack_passes,
+    merge_shards,
+    parse_shard,
+    plan_shards,
+    shard_of_spec,
+    sweep_costs,
+)
+from inferlink_audit.spec_loader import load_spec, parse_spec
+from tests.specs import write_spec
+
+pytest_plugins = ["pytester"]
+
+FILTERS = ["low_pass", "high_pass"]
+ATTACKS = [{"fgsm": {"eps": 0.1}}, {"gaussian": {"sigma": 0.1}}]
+CHECKS = {
+    "min_clean_accuracy": 0.9,
+    "min_adversarial_accuracy": 0.2,
+    "max_fragile_fraction": {"value": 0.4},
+    "max_targeted_layers": 4,
+    "max_lipschitz_upper_bound": 1.0e4,
+}
+
+
+def small_spec(folder: Path, **filtering: object) -> Path:
+    """Two filters × two attacks, 4 thresholds, 120 digits: four sweep groups."""
+    return write_spec(
+        folder,
+        filtering={"thresholds": 4, "filters": FILTERS, **filtering},
+        attacks=ATTACKS,
+        checks=CHECKS,
+    )
+
+
+def models_json(path: Path) -> str:
+    """Every model record (sweeps, attacks, checks, …) as canonical text: NaN compares equal."""
+    return json.dumps(json.loads(path.read_text())["models"], sort_keys=True)
+
+
+# --------------------------------------------------------------------------- planning
+def brute_force_makespan(costs: list[int], count: int) -> int:
+    """The optimal largest shard load, by trying every assignment."""
+    best = sum(costs)
+    for assignment in itertools.product(range(count), repeat=len(costs)):
+        loads = [0] * count
+        for cost, shard in zip(costs, assignment, strict=True):
+            loads[shard] += cost
+        best = min(best, max(loads))
+    return best
+
+
+def test_plan_covers_every_group_exactly_once_and_is_deterministic() -> None:
+    rng = random.Random(0)
+    for count in (1, 2, 3, 5, 9):
+        costs = {(f"f{i}", f"a{j}"): rng.randint(1, 50) for i in range(3) for j in range(2)}
+        plan = plan_shards(costs, count)
+        assert len(plan) == count
+        flat = [key for shard in plan for key in shard]
+        assert sorted(flat) == sorted(costs)  # every group, none twice
+        assert plan_shards(dict(costs), count) == plan
+        order = list(costs)
+        for shard in plan:  # each shard keeps the serial order
+            assert shard == sorted(shard, key=order.index)
+
+
+def test_plan_balances_by_cost_not_by_count() -> None:
+    # One group as costly as the four others together: a split by count (3 + 2) is 100 vs
+    # 50 at best; by cost, the costly group runs alone.
+    costs = {"big": 100, "s1": 25, "s2": 25, "s3": 25, "s4": 25}
+    assert plan_shards(costs, 2) == [["big"], ["s1", "s2", "s3", "s4"]]
+    assert brute_force_makespan(list(costs.values()), 2) == 100
+
+
+def test_plan_is_within_grahams_bound_of_the_optimum() -> None:
+    """Longest-processing-time's largest load is at most 4/3 − 1/(3n) of the optimal one."""
+    rng = random.Random(1)
+    for _ in range(30):
+        count = rng.randint(2, 3)
+        values = [rng.randint(1, 40) for _ in range(rng.randint(3, 7))]
+        costs = {f"g{i}": v for i, v in enumerate(values)}
+        makespan = max(sum(costs[k] for k in shard) for shard in plan_shards(costs, count))
+        optimum = brute_force_makespan(values, count)
+        assert makespan * 3 * count <= optimum * (4 * count - 1)
+
+
+def test_cost_is_weights_times_thresholds_times_passes(tmp_path: Path) -> None:
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            filtering={"thresholds": 7, "filters": ["pulse"], "scopes": ["local", "global"]},
+            attacks=[{"fgsm": {"eps": 0.1}}, {"pgd": {"eps": 0.1, "steps": 10}}],
+        )
+    )
+    costs = sweep_costs(spec, [100, 30])
+    # local scopes sweep 130 weights and the global one 130: 260 weights per variant.
+    assert costs[("pulse", "fgsm_eps0.1")] == 260 * 7 * (2 + 1)
+    pgd = next(a for a in spec.attack_specs if a.kind == "pgd")
+    assert costs[("pulse", pgd.id)] == 260 * 7 * (2 + 10)
+    # The adversarial examples made once on the unfiltered network: 2 passes per variant.
+    assert attack_passes(pgd, "original") == 2
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_a_malformed_shard_is_refused(text: str) -> None:
+    with pytest.raises(ShardError, match=rf"--shard '{text}': expected INDEX/COUNT"):
+        parse_shard(text)
+
+
+def test_a_shard_of_a_spec_with_statistics_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = small_spec(tmp_path)
+    spec.write_text(spec.read_text() + "statistics: {resamples: 200}\n")
+    out = tmp_path / "no-out"
+    assert main(["run", str(spec), "--out", str(out), "--shard", "1/2", "--quiet"]) == 2
+    assert not (out / "results.json").exists()
+    err = capsys.readouterr().err
+    assert f"error: {spec}:" in err
+    assert "statistics: a spec with 'statistics' cannot run in shards yet" in err
+
+
+# --------------------------------------------------------------------------- shards and merge
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small spec run serially and as two shards, in one folder."""
+    folder = tmp_path_factory.mktemp("shards")
+    spec = small_spec(folder)
+    assert main(["run", str(spec), "--out", str(folder / "serial"), "--quiet"]) == 0
+    for i in (1, 2):
+        out = folder / f"shard{i}"
+        assert main(["run", str(spec), "--out", str(out), "--shard", f"{i}/2", "--quiet"]) == 0
+    return folder
+
+
+def test_two_shards_merged_equal_a_serial_run(runs: Path) -> None:
+    out = runs / "merged"
+    shards = [str(runs / "shard2" / "results.json"), str(runs / "shard1" / "results.json")]
+    assert main(["merge", *shards, "--out", str(out)]) == 0
+    assert models_json(out / "results.json") == models_json(runs / "serial" / "results.json")
+    assert (out / "report.html").is_file()
+    merged = read_results(out / "results.json")
+    assert "shard" not in merged.meta
+    assert merged.meta["merged_from"] == sorted(shards)
+
+
+def test_each_shard_holds_its_planned_groups_and_only_their_checks(runs: Path) -> None:
+    spec = load_spec(runs / "audit.yaml")
+    held = []
+    for i in (1, 2):
+        result = read_results(runs / f"shard{i}" / "results.json")
+        info = result.meta["shard"]
+        assert (info["index"], info["count"]) == (i, 2)
+        groups = [tuple(k) for k in info["sweeps"]]
+        assert groups == shard_of_spec(spec, parse_shard(f"{i}/2"))
+        model = result.models[0]
+        assert {(s.filter, s.attack) for s in model.sweeps} == set(groups)
+        model_wide = {c.id for c in model.checks if c.check in ("min_clean_accuracy",)}
+        assert model_wide == ({"min_clean_accuracy"} if i == 1 else set())
+        for check in model.checks:
+            if check.check in ("max_fragile_fraction", "max_targeted_layers"):
+                assert any(check.id.startswith(f"{f}-{a}-") for f, a in groups)
+        held += groups
+    assert sorted(held) == sorted((f, a.id) for f in FILTERS for a in spec.attack_specs)
+
+
+def test_merge_refuses_a_missing_shard(runs: Path) -> None:
+    one = runs / "shard1" / "results.json"
+    with pytest.raises(ShardError, match=r"shard 2/2 missing; given .*shard1/results.json"):
+        merge_shards([(one, read_results(one))])
+
+
+def test_merge_refuses_a_duplicate_shard(runs: Path, tmp_path: Path) -> None:
+    one = runs / "shard1" / "results.json"
+    copy = tmp_path / "again.json"
+    shutil.copy(one, copy)
+    with pytest.raises(
+        ShardError, match=r"duplicate shards \(shard 1/2 in .*shard1/results.json, .*again.json\)"
+    ):
+        merge_shards([(one, read_results(one)), (copy, read_results(copy))])
+
+
+def test_merge_refuses_shards_of_different_specs(runs: Path, tmp_path: Path) -> None:
+    """A real shard of a spec that differs only in its tolerance."""
+    other = small_spec(tmp_path, tolerance=0.1)
+    out = tmp_path / "other2"
+    assert main(["run", str(other), "--out", str(out), "--shard", "2/2", "--quiet"]) == 0
+    one, two = runs / "shard1" / "results.json", out / "results.json"
+    with pytest.raises(
+        ShardError,
+        match=r"cannot merge shards of different specs \(spec_sha256\) \(.*shard1/results.json: "
+        r"[0-9a-f]{64}; .*other2/results.json: [0-9a-f]{64}\)",
+    ):
+        merge_shards([(one, read_results(one)), (two, read_results(two))])
+
+
+def test_merge_refuses_shards_of_different_checkpoints(runs: Path, tmp_path: Path) -> None:
+    # The same shard, as if its job had audited another checkpoint.
+    data = json.loads((runs / "shard2" / "results.json").read_text())
+    data["models"][0]["checkpoint_sha256"] = "0" * 64
+    two = tmp_path / "retrained.json"
+    two.write_text(json.dumps(data))
+    one = runs / "shard1" / "results.json"
+    with pytest.raises(
+        ShardError,
+        match=r"different checkpoints \(checkpoint_sha256\) .*retrained.json: \['0{64}'\]",
+    ):
+        merge_shards([(one, read_results(one)), (two, read_results(two))])
+
+
+def test_merge_refuses_shards_of_different_versions(runs: Path, tmp_path: Path) -> None:
+    data = json.loads((runs / "shard2" / "results.json").read_text())
+    data["meta"]["version"] = "0.0.1"
+    two = tmp_path / "old.json"
+    two.write_text(json.dumps(data))
+    one = runs / "shard1" / "results.json"
+    code = main(["merge", str(one), str(two), "--out", str(tmp_path / "m")])
+    assert code == 2
+    with pytest.raises(ShardError, match=r"different versions .*old.json: inferlink-audit 0.0.1"):
+        merge_shards([(one, read_results(one)), (two, read_results(two))])
+
+
+# --------------------------------------------------------------------------- pytest
+def _ids(result: pytest.RunResult) -> set[str]:
+    return {line.split("::")[-1] for line in result.outlines if "::" in line}
+
+
+def test_the_pytest_option_keeps_only_its_shards_items(pytester: pytest.Pytester) -> None:
+    spec_path = small_spec(pytester.path)
+    spec = parse_spec(spec_path.read_text(), path=spec_path)
+    every = _ids(pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", "--collect-only", "-q"))
+    shards = []
+    for i in (1, 2):
+        result = pytester.runpytest_subprocess(
+            OPTION_AUDIT, "audit.yaml", OPTION_SHARD, f"{i}/2", "--collect-only", "-q"
+        )
+        ids = _ids(result)
+        groups = shard_of_spec(spec, parse_shard(f"{i}/2"))  # the CLI's plan
+        sweep_ids = {x for x in ids if any(f"[{f}-{a}-" in x for f, a in groups)}
+        model_wide = ids - sweep_ids
+        assert model_wide == (
+            {x for x in every if x.split("[")[1].split("-")[0] not in FILTERS} if i == 1 else set()
+        )
+        assert sweep_ids and all(any(f"[{f}-{a}-" in x for f, a in groups) for x in sweep_ids)
+        result.stdout.fnmatch_lines([f"*{len(every) - len(ids)} deselected*"])
+        shards.append(ids)
+    assert shards[0] | shards[1] == every and not shards[0] & shards[1]
+
+
+def test_the_pytest_plan_ignores_keyword_selection(pytester: pytest.Pytester) -> None:
+    """``-k`` narrows a shard's items; it does not move groups to another shard (planned over
+    the low_pass groups alone, each shard would get one of them)."""
+    spec_path = small_spec(pytester.path)
+    spec = parse_spec(spec_path.read_text(), path=spec_path)
+    for i in (1, 2):
+        groups = shard_of_spec(spec, parse_shard(f"{i}/2"))
+        result = pytester.runpytest_subprocess(
+            OPTION_AUDIT, "audit.yaml", OPTION_SHARD, f"{i}/2", "-k", "low_pass", "--co", "-q"
+        )
+        seen = {(f, a) for x in _ids(result) for f, a in groups if f"[{f}-{a}-" in x}
+        assert seen == {(f, a) for f, a in groups if f == "low_pass"}
+        assert len(_ids(result)) == len(seen) * 2  # fragile fraction and targeted layers
+
+
+def test_the_pytest_shard_runs_only_its_items(pytester: pytest.Pytester) -> None:
+    small_spec(pytester.path)
+    result = pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "2/2", "-v")
+    outcomes = result.parseoutcomes()
+    assert outcomes["deselected"] > 0
+    ran = [line for line in result.outlines if " PASSED" in line or " FAILED" in line]
+    assert len(ran) == outcomes.get("passed", 0) + outcomes.get("failed", 0)
+    assert all("min_clean_accuracy" not in line for line in ran)
+
+
+def test_a_malformed_pytest_shard_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    small_spec(pytester.path)
+    result = pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "3/2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{OPTION_SHARD} '3/2': expected INDEX/COUNT*"])
