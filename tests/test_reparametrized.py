@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pytest_inferlink.ci import finding_lines
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 
@@ -421,6 +422,11 @@ def test_inert_filtering_is_reported_in_results_report_and_summary(tmp_path: Pat
     summary = text_summary(result).splitlines()
     warning = summary.index(f"   WARNING inert filtering: {'; '.join(lines)}.")
     assert summary[warning + 1] == f"   {INERT_EXPLANATION}"
+    # The pytest plugin prints the same finding in its terminal section.
+    assert finding_lines(result) == [
+        f"WARNING {result.models[0].name}: inert filtering: {'; '.join(lines)}.",
+        f"  {INERT_EXPLANATION}",
+    ]
 
 
 def test_results_without_inert_thresholds_still_read(tmp_path: Path) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from inferlink_audit.results import AuditResult, ModelResult
+from inferlink_audit.summary import INERT_EXPLANATION, inert_sweeps
 
 from .assemble import SpecStats
 
-__all__ = ["step_summary", "terminal_lines"]
+__all__ = ["finding_lines", "step_summary", "terminal_lines"]
 
 _WORST_LAYERS = 3
 
@@ -16,6 +17,17 @@ _WORST_LAYERS = 3
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+def finding_lines(result: AuditResult | None) -> list[str]:
+    """Findings that fail no item but change how the results read: inert filtering."""
+    lines = []
+    for model in result.models if result is not None else []:
+        inert = inert_sweeps(model.sweeps)
+        if inert:
+            lines.append(f"WARNING {model.name}: inert filtering: {'; '.join(inert)}.")
+            lines.append(f"  {INERT_EXPLANATION}")
+    return lines
 
 
 def terminal_lines(

@@ -181,11 +181,12 @@ class AuditPlugin:
         from inferlink_audit.results import write_results
 
         from .assemble import assemble_result, spec_stats
-        from .ci import step_summary
+        from .ci import finding_lines, step_summary
 
         payloads = [json.loads(text) for text in self._payloads.values()]
         self.stats = spec_stats(payloads)
         self.result = assemble_result(payloads, seconds=time.perf_counter() - self._t0)
+        self.problems.extend(finding_lines(self.result))
         if self.result is not None:
             try:
                 self.written.append(write_results(self.result, self.report_dir / "results.json"))
