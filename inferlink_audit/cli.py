@@ -55,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run shard I of N (a share of the sweeps, balanced by cost) and write its "
         "results.json only; join the N shards with 'inferlink-audit merge'",
     )
+    run.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep finished sweeps in DIR and reuse them (keyed by checkpoint, data, spec and "
+        "versions), e.g. a folder a CI cache restores",
+    )
     init = sub.add_parser(
         "init",
         help="write a starter spec; with a model, checkpoint and data, fill the layers and "
@@ -131,11 +139,24 @@ def _run(args: argparse.Namespace) -> int:
             examples=spec.data.limit,
         )
         try:
+            cache = None
+            if args.cache is not None:
+                from .cache import DiskSweepCache
+
+                try:
+                    args.cache.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise OutputError(
+                        f"--cache {args.cache} cannot be created ({exc.strerror or exc}); "
+                        "choose another folder."
+                    ) from exc
+                cache = DiskSweepCache(args.cache)
             with oom:
                 if shard is None:
                     result, _, _ = run_audit(
                         spec,
                         device=args.device,
+                        cache=cache,
                         on_variant=lambda where: bar.update(1),
                         output_dir=out,
                     )
@@ -146,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
                         spec,
                         shard,
                         device=args.device,
+                        cache=cache,
                         on_variant=lambda where: bar.update(1),
                         output_dir=out,
                     )

@@ -38,7 +38,7 @@ from .scores import Members
 from .spec import AuditSpec
 
 if TYPE_CHECKING:
-    from .audit import AuditSession
+    from .audit import AuditSession, SweepCache
 
 __all__ = [
     "Shard",
@@ -186,6 +186,7 @@ def run_shard(
     shard: Shard,
     *,
     device: str | None = None,
+    cache: SweepCache | None = None,
     on_variant: Callable[[str], None] | None = None,
     output_dir: Path | None = None,
 ) -> AuditResult:
@@ -195,7 +196,9 @@ def run_shard(
 
     _refuse_unsplittable(spec)
     t0 = time.perf_counter()
-    session = AuditSession(spec, device=device, on_variant=on_variant, output_dir=output_dir)
+    session = AuditSession(
+        spec, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir
+    )
     numels = [layer.numel for layer in session.prepared.layers]
     costs = sweep_costs(spec, numels)
     keys = plan_shards(costs, shard.count)[shard.index - 1]

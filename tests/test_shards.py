@@ -180,6 +180,20 @@ def test_each_shard_holds_its_planned_groups_and_only_their_checks(runs: Path) -
     assert sorted(held) == sorted((f, a.id) for f in FILTERS for a in spec.attack_specs)
 
 
+def test_a_shard_reuses_its_cached_sweeps(runs: Path, tmp_path: Path) -> None:
+    """``--cache``, as a CI cache restores it: the second run computes no sweep and writes the
+    same records."""
+    spec, cache = runs / "audit.yaml", tmp_path / "cache"
+    for name in ("first", "second"):
+        args = ["run", str(spec), "--out", str(tmp_path / name), "--shard", "2/2", "--quiet"]
+        assert main([*args, "--cache", str(cache)]) == 0
+    second = read_results(tmp_path / "second" / "results.json")
+    assert not [key for key in second.meta["timings"] if key.startswith("sweep ")]
+    assert len(list(cache.glob("*.json"))) == len(second.meta["shard"]["sweeps"])
+    expected = models_json(runs / "shard2" / "results.json")
+    assert models_json(tmp_path / "second" / "results.json") == expected
+
+
 def test_merge_refuses_a_missing_shard(runs: Path) -> None:
     one = runs / "shard1" / "results.json"
     with pytest.raises(ShardError, match=r"shard 2/2 missing; given .*shard1/results.json"):
