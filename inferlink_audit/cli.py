@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--checkpoint", help="the weights: .safetensors, .pt, .pth, .ckpt")
     init.add_argument(
         "--data",
-        help="(paths relative to the current folder) the test set: a .pt dict {x, y} or .npz, an image folder, sklearn_digits, or "
+        help="(paths relative to the current folder) the test set: a .pt dict {x, y} or .npz, "
+        "an image folder, sklearn_digits, or "
         "NAME:ROOT (CIFAR10:~/datasets)",
     )
     init.add_argument(

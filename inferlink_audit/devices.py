@@ -76,7 +76,8 @@ def _resolve_cuda(name: str, index: int | None) -> torch.device:
         )
         raise DeviceError(
             f"device {name!r}: CUDA is not available: {why}. "
-            "Use device: cpu (or auto, which falls back to the CPU), or run on a machine with a GPU."
+            "Use device: cpu (or auto, which falls back to the CPU), or run on a machine with a "
+            "GPU."
         )
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if index is None else index

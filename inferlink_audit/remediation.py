@@ -14,7 +14,8 @@ InstanceNorm, RMSNorm) that directly consumes an analysed layer's output belongs
 layer and trains or stays frozen with it, affine parameters and running statistics alike.
 It is found in the ``torch.fx`` graph when the network traces and calls the layer as a
 module, else by module order: the first module registered after the layer (outside the
-layer itself) that owns parameters or buffers, when that module is a normalisation. Every other tensor (modules never analysed,
+layer itself) that owns parameters or buffers, when that module is a normalisation. Every
+other tensor (modules never analysed,
 such as embeddings or a normalisation of the input, and free parameters) is frozen in both
 runs. A module whose tensors are all frozen and that owns buffers runs in eval mode while
 the rest trains, so its running statistics stay fixed; afterwards every frozen tensor is

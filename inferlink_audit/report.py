@@ -451,7 +451,7 @@ def _attack_rows(model: ModelResult) -> list[dict[str, str]]:
 
 def _definitions(model: ModelResult) -> str:
     return (
-        "Labels per DESIGN §1.4: antifragile if ∫max(0, r − 1)dα̂ > τ, fragile if φ < −τ, "
+        "Labels per docs/method.md §4: antifragile if ∫max(0, r − 1)dα̂ > τ, fragile if φ < −τ, "
         f"else robust; τ = {fmt_num(model.tolerance)}; a layer is targeted by an attack "
         f"if φΔ < −τ. Values: {model.values}. Adversarial examples crafted against the "
         f"{model.adversarial_source} network. r = ψ/ψ⁰, baseline b = 1 − ρ, α̂ = k/(n − 1); "

@@ -88,7 +88,8 @@ def score_curves(
     adversarial_reference: float,
     tolerance: float,
 ) -> ScoredCurves:
-    """The three filtering scores φc, φa, φΔ, both labels, and whether the attack targets the scope."""
+    """The three filtering scores φc, φa, φΔ, both labels, and whether the attack targets the
+    scope."""
     psi_c0, psi_a0, normalised_by = normalisers(clean_reference, adversarial_reference)
     rc = np.asarray(clean_accuracy, dtype=np.float64) / psi_c0
     ra = np.asarray(adversarial_accuracy, dtype=np.float64) / psi_a0

@@ -88,7 +88,8 @@ class NormalizeSpec(_Strict):
     def _same_length(self) -> NormalizeSpec:
         if len(self.mean) != len(self.std):
             raise ValueError(
-                f"mean has {len(self.mean)} values but std has {len(self.std)}: give one per channel"
+                f"mean has {len(self.mean)} values but std has {len(self.std)}: "
+                "give one per channel"
             )
         return self
 
@@ -502,7 +503,8 @@ class AuditSpec(_Strict):
         return self._sha256
 
     def line_of(self, *keys: str | int) -> int | None:
-        """1-based line of a key path in the spec file (nearest known ancestor), if loaded from one."""
+        """1-based line of a key path in the spec file (nearest known ancestor), if loaded from
+        one."""
         path = tuple(keys)
         while path:
             if path in self._positions:

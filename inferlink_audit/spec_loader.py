@@ -291,7 +291,8 @@ def load_spec(path: str | os.PathLike[str]) -> AuditSpec:
 
 
 def parse_spec(text: str, *, path: Path) -> AuditSpec:
-    """Parse and validate spec ``text``; ``path`` names it in messages and anchors relative paths."""
+    """Parse and validate spec ``text``; ``path`` names it in messages and anchors relative
+    paths."""
     display = os.fspath(path)
     data, marks = _parse_yaml(text, display)
     try:

@@ -66,11 +66,13 @@ def text_summary(result: AuditResult) -> str:
     out: list[str] = []
     for model in result.models:
         out.append(
-            f"== {model.name}: clean accuracy {model.clean_accuracy:.2%} on {model.n_examples} examples"
+            f"== {model.name}: clean accuracy {model.clean_accuracy:.2%} "
+            f"on {model.n_examples} examples"
         )
         for attack in model.attacks:
             out.append(
-                f"   {attack.id}: accuracy {attack.accuracy:.2%}, success rate {attack.success_rate:.2%}, "
+                f"   {attack.id}: accuracy {attack.accuracy:.2%}, "
+                f"success rate {attack.success_rate:.2%}, "
                 f"rms distortion {attack.distortion_rms:.4f}"
             )
         out.extend("   " + line for line in label_table(model))

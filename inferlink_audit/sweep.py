@@ -545,9 +545,9 @@ def sweep_scope(
 
     ``unfiltered`` is the (clean, adversarial) accuracy of the unfiltered network, reused for
     every threshold that zeroes nothing (``unfiltered_outcomes``: its per-example outcomes).
-    ``ordering`` is the scope's sorted values when the
-    caller already has them (they do not depend on the filter or the attack). The tensors are restored bit-exactly before returning,
-    also when an exception interrupts the sweep.
+    ``ordering`` is the scope's sorted values when the caller already has them (they do not
+    depend on the filter or the attack). The tensors are restored bit-exactly before
+    returning, also when an exception interrupts the sweep.
     """
     ordering = ordering or SortedScope.of(tensors, values)
     vmin, vmax = value_range or ordering.value_range

@@ -4,7 +4,8 @@ Each spec in ``tests/corpus/specs`` says in its header what the error must conta
 (``# expect: ...``), on which spec line it is reported (``# line: N``), which file would
 exist if a hostile payload had run (``# pwned: NAME``), and which warnings the user's own
 model raises on its way to the error (``# warns: TEXT``; the library itself raises none).
-The whole stderr is checked: one paragraph, nothing before or after it. A case runs in its own folder holding
+The whole stderr is checked: one paragraph, nothing before or after it. A case runs in its
+own folder holding
 the spec, the digits model, the corpus's factory files and the generated binary inputs, with
 that folder as the working directory; afterwards the folder must be exactly as before:
 nothing created (no report folder, no ``__pycache__``, no payload marker), nothing modified.

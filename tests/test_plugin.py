@@ -70,7 +70,8 @@ def spec_text(
               factory: {FACTORY}
               kwargs: {{num_classes: 10}}
               checkpoint: {CHECKPOINT}
-            data: {{source: sklearn_digits, limit: 64, batch_size: 64, normalize: {{mean: [0.5], std: [0.5]}}}}
+            data: {{source: sklearn_digits, limit: 64, batch_size: 64,
+                   normalize: {{mean: [0.5], std: [0.5]}}}}
             filtering:
               thresholds: 5
               scopes: [local]
@@ -236,7 +237,8 @@ def test_a_failing_check_says_what_was_measured_and_where(
     result.stdout.re_match_lines(
         [
             r"_+ tiny\[fgsm_eps0\.3-min_adversarial_accuracy\] _+",
-            rf"spec\.yaml:{adversarial}: fgsm\(eps=0\.3\): adversarial accuracy 0\.0\d+ < min 0\.9900",
+            rf"spec\.yaml:{adversarial}: fgsm\(eps=0\.3\): "
+            r"adversarial accuracy 0\.0\d+ < min 0\.9900",
             r"  check:    min_adversarial_accuracy \(fgsm_eps0\.3-min_adversarial_accuracy\)",
             r"  measured: 0\.0\d+",
             r"  limit:    0\.99",
@@ -245,7 +247,8 @@ def test_a_failing_check_says_what_was_measured_and_where(
     result.stdout.re_match_lines(
         [
             r"_+ tiny\[pulse-fgsm_eps0\.3-max_fragile_fraction\] _+",
-            rf"spec\.yaml:{fragile}: pulse fgsm\(eps=0\.3\): clean fragile fraction 0\.88 > max 0\.50 \(fc1\)",
+            rf"spec\.yaml:{fragile}: pulse fgsm\(eps=0\.3\): "
+            r"clean fragile fraction 0\.88 > max 0\.50 \(fc1\)",
             r"  check:    max_fragile_fraction \(pulse-fgsm_eps0\.3-max_fragile_fraction\)",
             r"  measured: 0\.8767",
             r"  limit:    0\.5",
@@ -378,7 +381,8 @@ def test_spec_and_model_errors_name_the_problem_without_a_traceback(
     result.stdout.fnmatch_lines(
         [
             "*ERROR collecting audits/a_typo.yaml*",
-            f"*a_typo.yaml:{line_of(typo, 'threshold')}: filtering.threshold: unknown key*thresholds*",
+            f"*a_typo.yaml:{line_of(typo, 'threshold')}: "
+            "filtering.threshold: unknown key*thresholds*",
         ]
     )
     result.stdout.fnmatch_lines(["*_ wrong[[]min_clean_accuracy[]] _*", "*does not fit the model*"])
@@ -435,7 +439,8 @@ def test_compare_and_remediation_reach_the_report(pytester: pytest.Pytester) -> 
     )
     main = main.replace(
         "normalize: {mean: [0.5], std: [0.5]}}",
-        "normalize: {mean: [0.5], std: [0.5]}, train: {source: sklearn_digits, split: train, limit: 128}}",
+        "normalize: {mean: [0.5], std: [0.5]}, "
+        "train: {source: sklearn_digits, split: train, limit: 128}}",
     )
     spec = pytester.makefile(".yaml", main=main)
     result = pytester.runpytest(OPTION_AUDIT, str(spec), OPTION_REPORT, "out", "-q")

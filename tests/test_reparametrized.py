@@ -203,7 +203,8 @@ def test_pruning_hook_is_refused_naming_the_layer() -> None:
     assert str(caught.value) == _expected_refusal(
         "conv",
         "is rebuilt from weight_orig × weight_mask by torch.nn.utils.prune on every call",
-        'Make the pruning permanent in the model factory with torch.nn.utils.prune.remove(module, "weight")',
+        "Make the pruning permanent in the model factory with "
+        'torch.nn.utils.prune.remove(module, "weight")',
     )
     prune.remove(model.conv, "weight")
     assert [la.name for la in select_layers(model, LayerSelectionSpec())] == ["conv", "fc"]

@@ -6,13 +6,15 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 from pytest_inferlink.plugin import OPTION_AUDIT, OPTION_SHARD
 
-from inferlink_audit.cli import main
+from inferlink_audit.cli import _parser, main
 from inferlink_audit.results import read_results
 from inferlink_audit.shards import (
     ShardError,
@@ -307,3 +309,30 @@ def test_a_malformed_pytest_shard_is_a_usage_error(pytester: pytest.Pytester) ->
     result = pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "3/2")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{OPTION_SHARD} '3/2': expected INDEX/COUNT*"])
+
+
+# --------------------------------------------------------------------------- the CI recipe
+RECIPE = Path(__file__).resolve().parents[1] / "docs" / "ci" / "github-actions.yml"
+
+
+def test_the_github_actions_recipe_uses_the_command_lines_options() -> None:
+    """Every ``inferlink-audit`` command in the recipe parses with today's command line, and
+    the matrix has as many shards as ``SHARDS`` says."""
+    import yaml
+
+    workflow = yaml.safe_load(RECIPE.read_text())
+    shards = workflow["jobs"]["shard"]["strategy"]["matrix"]["shard"]
+    assert shards == list(range(1, int(workflow["env"]["SHARDS"]) + 1))
+    scripts = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
+    text = "\n".join(scripts).replace("\\\n", " ")
+    text = re.sub(r"\$\{\{[^}]*\}\}", "1", text).replace("$SHARDS", "2")
+    commands = [
+        shlex.split(line.split("||")[0])
+        for line in text.splitlines()
+        if line.strip().startswith("inferlink-audit ")
+    ]
+    assert [c[1] for c in commands] == ["run", "merge"]
+    for command in commands:
+        args = _parser().parse_args(command[1:])
+        if args.command == "run":
+            assert (args.shard, args.cache) == ("1/2", Path(".inferlink-cache"))

@@ -72,7 +72,8 @@ def _worst_layers(model: ModelResult) -> list[str]:
     if not worst:
         return []
     rows = [
-        "| layer | filter | attack | score clean | score adversarial | labels clean / adversarial |",
+        "| layer | filter | attack | score clean | score adversarial "
+        "| labels clean / adversarial |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in worst:
