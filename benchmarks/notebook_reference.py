@@ -1,4 +1,5 @@
-"""The reference notebooks' synaptic-filtering algorithm, re-implemented faithfully (DESIGN §4).
+"""The reference notebooks' synaptic-filtering algorithm, re-implemented faithfully (see the README,
+"How the engine computes it").
 
 This is the baseline the engine's speed is measured against, so it keeps every cost the
 InferLink notebooks pay, on purpose:
@@ -14,12 +15,12 @@ InferLink notebooks pay, on purpose:
 * no duplicate-mask detection: every threshold is evaluated.
 
 It shares no code with ``inferlink_audit`` (masks, thresholds and FGSM are written out here
-from DESIGN §1.2-1.3), so agreement with the engine is a real cross-check: the same
+from docs/method.md §2–3), so agreement with the engine is a real cross-check: the same
 thresholds (``np.linspace`` over [min, max] of the scope, in the filter's sweep order), the
 same element-wise masks compared in float64, the same FGSM (summed cross-entropy,
 ``x + eps * sign(grad)`` clamped to the input box), accuracy = correct / n.
 
-``adversarial_source="original"`` is the transfer setting of DESIGN §1.3, in the same
+``adversarial_source="original"`` is the transfer setting of docs/method.md §3, in the same
 notebook style: the FGSM examples are crafted once on the unfiltered network and every
 variant only runs its clean and adversarial forward passes over them.
 """
@@ -98,7 +99,7 @@ def thresholds(values: np.ndarray, filter_name: FilterName, n: int) -> np.ndarra
 def zero_mask(
     values: torch.Tensor, filter_name: FilterName, alpha: float, delta: float
 ) -> torch.Tensor:
-    """DESIGN §1.2, element-wise in float64: True where the filter zeroes the weight."""
+    """docs/method.md §2, element-wise in float64: True where the filter zeroes the weight."""
     if filter_name == "low_pass":
         return values >= alpha
     if filter_name == "high_pass":

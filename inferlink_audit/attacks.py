@@ -1,4 +1,4 @@
-"""External stress (DESIGN §1.5): adversarial and noise attacks in input space [lo, hi].
+"""External stress (docs/method.md §5): adversarial and noise attacks in input space [lo, hi].
 
 Every attack is batched, puts the model in eval mode, never changes its weights or mode, and
 returns the adversarial inputs together with the clean logits when it computed them anyway

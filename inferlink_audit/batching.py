@@ -1,4 +1,5 @@
-"""``data.batch_size: auto``: the largest test batch that fits the device (DESIGN §4).
+"""``data.batch_size: auto``: the largest test batch that fits the device (README,
+"How the engine computes it").
 
 A sweep's cost per example barely depends on the batch size once the device is busy, but a
 batch too large for the device fails and one too small leaves an accelerator idle. So the

@@ -1,6 +1,6 @@
 """``inferlink-audit``: the same engine and checks as the pytest plugin, without pytest.
 
-Exit codes (DESIGN §2.3): 0 every check passed, 1 a check failed, 2 a usage or input error.
+Exit codes (README): 0 every check passed, 1 a check failed, 2 a usage or input error.
 User mistakes print one paragraph and no traceback (``--debug`` shows it).
 """
 

@@ -1,4 +1,4 @@
-"""Synaptic filters (DESIGN §1.2): which weights a threshold zeroes.
+"""Synaptic filters (docs/method.md §2): which weights a threshold zeroes.
 
 Every filter zeroes a contiguous run of the scope's values once they are sorted: low-pass a
 suffix (θ ≥ α), high-pass a prefix (θ ≤ α), pulse an interval (α − δ ≤ θ < α + δ). The sweep

@@ -1,4 +1,4 @@
-"""Which tensors of which modules are analysed (DESIGN §1.1): the layer selection.
+"""Which tensors of which modules are analysed (docs/method.md §1): the layer selection.
 
 A filter only measures something when it zeroes the tensor the forward pass really reads.
 Under a re-parametrisation the module's ``weight`` is rebuilt from stored tensors on every

@@ -1,4 +1,4 @@
-"""Response-curve figures for the HTML report, as inline SVG strings (DESIGN §1.4, §2.4).
+"""Response-curve figures for the HTML report, as inline SVG strings (docs/method.md §4; README).
 
 Figures are built on ``matplotlib.figure.Figure`` directly, never through pyplot, so no
 backend is selected and no global figure state is created: the report can be rendered
@@ -10,7 +10,7 @@ markers, matplotlib's group ids) is prefixed with a per-plot prefix, and the per
 boilerplate (XML prolog, doctype, metadata, the global ``<style>`` rule, repeated font
 lists) is stripped; the page's CSS supplies those once.
 
-The only computation here is the normalisation of DESIGN §1.4 needed to draw the curves:
+The only computation here is the normalisation of docs/method.md §4 needed to draw the curves:
 r = ψ/ψ⁰, baseline b = 1 − ρ, α̂ₖ = k/(n − 1). Scores and labels are shown as the audit
 computed them, never recomputed.
 """
@@ -41,7 +41,7 @@ __all__ = [
     "response_curves_svg",
 ]
 
-#: Filters in the order DESIGN §1.2 lists them; unknown filters follow in first-seen order.
+#: Filters in the order docs/method.md §2 lists them; unknown filters follow in first-seen order.
 FILTER_ORDER: tuple[str, ...] = ("low_pass", "high_pass", "pulse")
 
 #: Colours shared with the report's CSS so the plots and the heat map speak one language.
@@ -87,7 +87,7 @@ _MAX_TITLE = 90  # characters of a scope title drawn in the plot; the page shows
 
 @dataclass(frozen=True)
 class NormalisedCurves:
-    """One sweep's curves on the axes of DESIGN §1.4, ready to draw.
+    """One sweep's curves on the axes of docs/method.md §4, ready to draw.
 
     ``adversarial_by_clean`` is true when ψa⁰ = 0 forced the adversarial curve onto ψc⁰;
     ``note`` says so (or says why nothing could be normalised) in words for the reader.
@@ -113,7 +113,7 @@ def _valid_denominator(value: float | None) -> bool:
 
 
 def normalise_sweep(model: ModelResult, sweep: SweepResult) -> NormalisedCurves:
-    """Normalise a sweep's accuracies by the unfiltered network's (DESIGN §1.4)."""
+    """Normalise a sweep's accuracies by the unfiltered network's (docs/method.md §4)."""
     clean = _as_array(sweep.clean_accuracy)
     adversarial = _as_array(sweep.adversarial_accuracy)
     removed = _as_array(sweep.removed_fraction)

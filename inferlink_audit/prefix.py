@@ -1,4 +1,5 @@
-"""Prefix reuse for local sweeps (DESIGN §4): nothing before the filtered tensors changes.
+"""Prefix reuse for local sweeps (README, "How the engine
+computes it"): nothing before the filtered tensors changes.
 
 The network is traced once with ``torch.fx`` and cut just before the first node that may read
 a tensor of the scope. The *prefix* maps the input to every value still live at the cut (the

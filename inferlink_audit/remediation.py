@@ -1,4 +1,4 @@
-"""Remediation by selective retraining (DESIGN §1.7; Pravin et al. 2024, §6).
+"""Remediation by selective retraining (docs/method.md §7; Pravin et al. 2024, §6).
 
 The layers the audit labelled fragile are frozen and the robust and antifragile ones are
 trained for a few epochs on the training split, optionally mixing in FGSM examples crafted

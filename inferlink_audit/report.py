@@ -1,4 +1,4 @@
-"""The self-contained HTML report (DESIGN §2.4).
+"""The self-contained HTML report (README).
 
 One file that opens offline: inline CSS, inline SVG plots, no external resources, and a few
 lines of optional JavaScript that nothing depends on (folding uses ``<details>``). Every

@@ -1,4 +1,4 @@
-"""Computed output as frozen dataclasses, and their JSON form (DESIGN §2.5).
+"""Computed output as frozen dataclasses, and their JSON form (README).
 
 ``results.json`` is the machine-readable contract: other tools read it and every number in
 the HTML report comes from it. Field names here are the JSON names; keep them stable and
@@ -51,7 +51,7 @@ class AttackResult:
 
 @dataclass(frozen=True)
 class Scores:
-    """The paper's three filtering scores φc, φa, φΔ (DESIGN §1.4)."""
+    """The paper's three filtering scores φc, φa, φΔ (docs/method.md §4)."""
 
     clean: float
     adversarial: float
@@ -161,7 +161,7 @@ class SweepResult:
     targeted: bool
     # Additions to §2.5, so a reader can see why a label was given.
     antifragile_area: Scores = field(default_factory=lambda: Scores(0.0, 0.0, 0.0))
-    adversarial_normalised_by: str = "adversarial"  # "clean" when ψa⁰ = 0 (DESIGN §1.4)
+    adversarial_normalised_by: str = "adversarial"  # "clean" when ψa⁰ = 0 (docs/method.md §4)
     layers: list[str] = field(default_factory=list)  # the layers a global scope covers
     evaluated_variants: int = 0  # distinct masks actually evaluated (duplicates reused)
     # Thresholds whose variant zeroed nonzero weights yet left every clean logit bit-identical

@@ -1,4 +1,4 @@
-"""The audit spec (DESIGN §2.1): validated pydantic models.
+"""The audit spec (README): validated pydantic models.
 
 Every model forbids unknown keys so a typo is an error, not a silently ignored setting.
 Loading (YAML with line positions, error messages that name ``file:line: key``) lives in
@@ -156,7 +156,7 @@ def _default_filters() -> list[FilterName]:
 
 
 class FilteringSpec(_Strict):
-    """Synaptic filtering (DESIGN §1.2-1.4)."""
+    """Synaptic filtering (docs/method.md §2–4)."""
 
     scopes: list[ScopeName] = Field(default_factory=_default_scopes, min_length=1)
     filters: list[FilterName] = Field(default_factory=_default_filters, min_length=1)

@@ -1,4 +1,4 @@
-"""Load an audit spec (DESIGN §2.1): YAML with line positions -> a validated ``AuditSpec``.
+"""Load an audit spec (README): YAML with line positions -> a validated ``AuditSpec``.
 
 Every problem a user can cause (unreadable file, YAML syntax, unknown key, wrong type,
 impossible value) becomes one ``SpecError`` whose lines read ``file:line: key: problem``,

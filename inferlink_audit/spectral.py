@@ -1,4 +1,4 @@
-"""Spectral analysis (DESIGN §1.6): upper Lipschitz bounds per layer and for the network (L2).
+"""Spectral analysis (docs/method.md §6): upper Lipschitz bounds per layer and for the network (L2).
 
 As in Szegedy et al., *Intriguing properties of neural networks* (ICLR 2014, Table 5): a
 linear layer's bound is its largest singular value; a convolution's is the operator norm of

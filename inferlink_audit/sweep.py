@@ -1,4 +1,5 @@
-"""The sweep engine (DESIGN §1.3, §4): responses of a network to one filter over one scope.
+"""The sweep engine (docs/method.md §3; README, "How the engine computes
+it"): responses of a network to one filter over one scope.
 
 Unlike the reference notebooks (a deep copy and a state_dict reload per threshold), the
 engine points the live model's parameters at a working copy of the scope and back: each

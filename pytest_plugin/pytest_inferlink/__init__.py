@@ -1,4 +1,4 @@
-"""pytest plugin of inferlink-audit: audit specs collected as test items (DESIGN §2.2).
+"""pytest plugin of inferlink-audit: audit specs collected as test items (README).
 
 ``pytest --inferlink-audit audit.yaml`` runs one item per filter, attack and check, writes
 ``results.json`` and ``report.html``, and fails the run when a check fails. The plugin is a
