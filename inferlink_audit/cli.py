@@ -190,7 +190,8 @@ def _run(args: argparse.Namespace) -> int:
         raise
     if shard is not None:
         held = len(result.meta["shard"]["sweeps"])
-        print(f"shard {shard}: {held} sweep groups; results: {results_path}")
+        groups = "sweep group" if held == 1 else "sweep groups"
+        print(f"shard {shard}: {held} {groups}; results: {results_path}")
         return EXIT_PASS if result.passed else EXIT_FAIL
     if not args.quiet:
         print(text_summary(result))
