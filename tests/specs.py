@@ -8,6 +8,9 @@ import yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_audits"
 
+# results.json meta that differs between two runs of one audit: when, how long, peak memory.
+RUN_DEPENDENT_META = ("started", "seconds", "timings", "peak_memory_mb")
+
 
 def digits_spec(**overrides: object) -> dict[str, object]:
     """A quick spec: 120 test digits, 5 thresholds; top-level keys replaced by ``overrides``."""

@@ -12,7 +12,7 @@ from inferlink_audit.results import result_to_dict
 from inferlink_audit.spec_loader import load_spec
 
 from .naive_reference import naive_scores, naive_sweep
-from .specs import write_spec
+from .specs import RUN_DEPENDENT_META, write_spec
 
 
 def _state_digest(module: torch.nn.Module) -> str:
@@ -82,9 +82,7 @@ def test_two_runs_give_identical_numbers(spec):
     second, _, _ = run_audit(spec)
     a, b = result_to_dict(first), result_to_dict(second)
     for d in (a, b):
-        d["meta"] = {
-            k: v for k, v in d["meta"].items() if k not in ("started", "seconds", "timings")
-        }
+        d["meta"] = {k: v for k, v in d["meta"].items() if k not in RUN_DEPENDENT_META}
     assert a == b
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .specs import digits_spec
+from .specs import RUN_DEPENDENT_META, digits_spec
 
 REPO = Path(__file__).resolve().parents[1]
 IN_SWEEP = "INFERLINK-TEST: inside the sweep"
@@ -206,7 +206,7 @@ def test_signal_while_writing_results_leaves_the_previous_file_whole(
 
 
 def _numbers(results: dict[str, Any]) -> dict[str, Any]:
-    meta = {k: v for k, v in results["meta"].items() if k not in ("started", "seconds", "timings")}
+    meta = {k: v for k, v in results["meta"].items() if k not in RUN_DEPENDENT_META}
     return {**results, "meta": meta}
 
 

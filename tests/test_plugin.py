@@ -26,6 +26,8 @@ from pytest_inferlink.plugin import (
 )
 from pytest_inferlink.runner import STEP_SUMMARY_ENV
 
+from .specs import RUN_DEPENDENT_META
+
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +51,6 @@ IDS = [
     "pulse-fgsm_eps0.3-max_fragile_fraction",
     "pulse-fgsm_eps0.3-max_targeted_layers",
 ]
-TIMING_FIELDS = ("seconds", "started", "timings")
 
 
 def spec_text(
@@ -94,7 +95,7 @@ def line_of(text: str, key: str) -> int:
 def comparable(path: Path) -> dict[str, Any]:
     """results.json without its timing fields, which are all a re-run may change."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    for key in TIMING_FIELDS:
+    for key in RUN_DEPENDENT_META:
         data["meta"].pop(key)
     return data
 
