@@ -224,20 +224,18 @@ class Evaluator:
             self.fixed_adversarial = [out.adversarial for *_, out in data.attacked(attack, model)]
         self._prefix: _PrefixCache | None = None
         self.prefix_hits = 0  # local scopes that reused their prefix (for the benchmark)
-        # Responses of variants already evaluated, by the elements they zero. Exact mode only:
-        # under ``fast`` a variant's response depends on the path that computed it.
-        self.memo: dict[Hashable, tuple[float, float]] | None = None if fast else {}
-        # Per-example outcomes (packed bits, clean and adversarial) of the last evaluation and
-        # of every memoised variant, for the statistics (``statistics.py``).
-        self.last_outcomes: Bits | None = None
-        self.memo_outcomes: dict[Hashable, Bits] = {}
+        # Variants already evaluated, by the elements they zero. Exact mode only: under
+        # ``fast`` a variant's response depends on the path that computed it.
+        self.memo: dict[Hashable, VariantResult] | None = None if fast else {}
         self.memo_hits = 0
+        # Per-example outcomes (packed bits, clean and adversarial) of the last evaluation, for
+        # the statistics (``statistics.py``).
+        self.last_outcomes: Bits | None = None
         # The unfiltered network's clean logits per batch, kept to recognise a variant whose
         # logits stay bit-identical although it zeroes nonzero weights: a filter that did not
         # act (a bypassed layer, a weight rebuilt on every call) must be a finding, not a point.
         self.reference_logits = self._clean_logits()
         self.last_unchanged = False  # whether the last evaluation's logits equalled them all
-        self.inert_variants: set[Hashable] = set()  # memo keys of such variants
 
     @contextmanager
     def focus(self, layer: str, tensors: Sequence[torch.Tensor] | None = None) -> Iterator[None]:
@@ -529,6 +527,20 @@ def verify_unchanged(model: nn.Module, expected: str, where: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class VariantResult:
+    """What one filtered variant gave: (clean, adversarial) accuracy, per-example outcomes
+    (None where none were kept), and whether it was inert (changed no logit although it
+    zeroed nonzero weights)."""
+
+    response: tuple[float, float]
+    outcomes: Bits | None = None
+    inert: bool = False
+
+
+Interval = tuple[int, int]  # a run ``order[start:stop]`` of the scope's sorted values
+
+
 def sweep_scope(
     tensors: list[torch.Tensor],
     filter_name: FilterName,
@@ -558,62 +570,79 @@ def sweep_scope(
     intervals = [ordering.interval(filter_name, float(alpha), delta) for alpha in grid]
     distinct = list(dict.fromkeys(iv for iv in intervals if iv[1] > iv[0]))
     scope = ScopeWorkingCopy(tensors)
-    seen: dict[tuple[int, int], tuple[float, float]] = {}
-    seen_bits: dict[tuple[int, int], Bits] = {}
-    inert: set[tuple[int, int]] = set()
     try:
         batched = evaluator.batched_evaluation(tensors)
         if batched is not None:
-            for chunk_start in range(0, len(distinct), batched.chunk):
-                chunk = distinct[chunk_start : chunk_start + batched.chunk]
-                stacks = scope.stacked_variants([order[a:b] for a, b in chunk])
-                for iv, response in zip(chunk, batched(stacks), strict=True):
-                    seen[iv] = response
-                    if on_variant is not None:
-                        on_variant()
+            results = _evaluate_batched(batched, scope, order, distinct, on_variant)
         else:
-            applied: tuple[int, int] | None = None
-            memo = evaluator.memo
-            for start, stop in distinct:
-                key = scope.variant_key(order, start, stop, values) if memo is not None else None
-                if memo is not None and key in memo:
-                    seen[(start, stop)] = memo[key]
-                    if key in evaluator.memo_outcomes:
-                        seen_bits[(start, stop)] = evaluator.memo_outcomes[key]
-                    evaluator.memo_hits += 1
-                    if key in evaluator.inert_variants:
-                        inert.add((start, stop))
-                else:
-                    scope.move(order, applied, (start, stop))
-                    applied = (start, stop)
-                    seen[(start, stop)] = evaluator.evaluate()
-                    if evaluator.last_outcomes is not None:
-                        seen_bits[(start, stop)] = evaluator.last_outcomes
-                    # Zeroing weights that are already 0.0 changes nothing by construction.
-                    s = ordering.sorted_values
-                    if evaluator.last_unchanged and not s[start] == s[stop - 1] == 0:
-                        inert.add((start, stop))
-                        evaluator.inert_variants.add(key)
-                    if memo is not None:
-                        memo[key] = seen[(start, stop)]
-                        if evaluator.last_outcomes is not None:
-                            evaluator.memo_outcomes[key] = evaluator.last_outcomes
-                if on_variant is not None:
-                    on_variant()
+            results = _evaluate_in_turn(
+                evaluator, scope, ordering, order, distinct, values, on_variant
+            )
     finally:
         scope.restore_all()
-    responses = [seen.get(iv, unfiltered) for iv in intervals]
-    clean = [r[0] for r in responses]
-    adversarial = [r[1] for r in responses]
-    removed = [(stop - start) / ordering.numel for start, stop in intervals]
-    bits = [seen_bits.get(iv) if iv in seen else unfiltered_outcomes for iv in intervals]
+    unfiltered_result = VariantResult(unfiltered, unfiltered_outcomes)
+    per_threshold = [results.get(iv, unfiltered_result) for iv in intervals]
+    bits = [r.outcomes for r in per_threshold]
     return Curves(
         thresholds=[float(a) for a in grid],
-        removed_fraction=removed,
-        clean_accuracy=clean,
-        adversarial_accuracy=adversarial,
-        evaluated_variants=len(seen),
+        removed_fraction=[(stop - start) / ordering.numel for start, stop in intervals],
+        clean_accuracy=[r.response[0] for r in per_threshold],
+        adversarial_accuracy=[r.response[1] for r in per_threshold],
+        evaluated_variants=len(results),
         numel=ordering.numel,
-        inert_thresholds=[float(a) for a, iv in zip(grid, intervals, strict=True) if iv in inert],
+        inert_thresholds=[float(a) for a, r in zip(grid, per_threshold, strict=True) if r.inert],
         outcomes=None if any(b is None for b in bits) else [b for b in bits if b is not None],
     )
+
+
+def _evaluate_in_turn(
+    evaluator: Evaluator,
+    scope: ScopeWorkingCopy,
+    ordering: SortedScope,
+    order: torch.Tensor,
+    distinct: list[Interval],
+    values: str,
+    on_variant: Callable[[], None] | None,
+) -> dict[Interval, VariantResult]:
+    """One variant at a time, each moved to from the last, or taken from the memo."""
+    results: dict[Interval, VariantResult] = {}
+    applied: Interval | None = None
+    memo = evaluator.memo
+    for start, stop in distinct:
+        key = scope.variant_key(order, start, stop, values) if memo is not None else None
+        result = memo.get(key) if memo is not None else None
+        if result is not None:
+            evaluator.memo_hits += 1
+        else:
+            scope.move(order, applied, (start, stop))
+            applied = (start, stop)
+            response = evaluator.evaluate()
+            # Zeroing weights that are already 0.0 changes nothing by construction.
+            zeros_only = ordering.sorted_values[start] == ordering.sorted_values[stop - 1] == 0
+            inert = evaluator.last_unchanged and not zeros_only
+            result = VariantResult(response, evaluator.last_outcomes, inert)
+            if memo is not None:
+                memo[key] = result
+        results[(start, stop)] = result
+        if on_variant is not None:
+            on_variant()
+    return results
+
+
+def _evaluate_batched(
+    batched: BatchedSuffix,
+    scope: ScopeWorkingCopy,
+    order: torch.Tensor,
+    distinct: list[Interval],
+    on_variant: Callable[[], None] | None,
+) -> dict[Interval, VariantResult]:
+    """Several variants per pass (``filtering.fast`` on CUDA/XLA): no outcomes are kept."""
+    results: dict[Interval, VariantResult] = {}
+    for chunk_start in range(0, len(distinct), batched.chunk):
+        chunk = distinct[chunk_start : chunk_start + batched.chunk]
+        stacks = scope.stacked_variants([order[a:b] for a, b in chunk])
+        for iv, response in zip(chunk, batched(stacks), strict=True):
+            results[iv] = VariantResult(response)
+            if on_variant is not None:
+                on_variant()
+    return results
