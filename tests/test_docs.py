@@ -93,6 +93,10 @@ README_RUNS: dict[str, int] = {
     "inferlink-audit run example_audits/digits.yaml --out inferlink-report": 0,
     "inferlink-audit init audit.yaml --factory models.py:Net --checkpoint net.safetensors": 0,
     "inferlink-audit merge a/results.json b/results.json --out merged": 0,
+    "inferlink-audit run audit.yaml --shard 1/2 --out shard-1 --cache .inferlink-cache": 0,
+    "inferlink-audit run audit.yaml --shard 2/2 --out shard-2 --cache .inferlink-cache": 0,
+    "inferlink-audit merge shard-1/results.json shard-2/results.json --out inferlink-report": 0,
+    "pytest --inferlink-audit audit.yaml --inferlink-shard 1/2": 0,
 }
 
 
@@ -107,10 +111,13 @@ def test_readme_commands_run_as_written(tmp_path):
     for command in readme_commands():
         if command in NOT_RUN:
             continue
-        if command.startswith("inferlink-audit merge"):
+        if command.startswith("inferlink-audit merge a/"):
             for run in ("a", "b"):
                 (tmp_path / run).mkdir()
                 shutil.copy(tmp_path / "inferlink-report" / "results.json", tmp_path / run)
+        if "--shard 1/2" in command:  # the shards' audit.yaml replaces the one init wrote
+            filtering = {"thresholds": 3, "filters": ["pulse", "low_pass"], "scopes": ["global"]}
+            write_spec(tmp_path, "audit.yaml", filtering=filtering)
         done = shell(command, tmp_path)
         output = done.stdout + done.stderr
         assert done.returncode == README_RUNS[command], f"{command}\n{output}"
@@ -118,7 +125,7 @@ def test_readme_commands_run_as_written(tmp_path):
         if command.startswith("pytest tests"):
             # The folder's own test and the spec's one item (pulse × fgsm, no checks).
             assert "= 2 passed in " in output
-        if command.startswith("inferlink-audit run"):
+        if command.startswith("inferlink-audit run example_audits"):
             assert "verdict: PASS" in output
             assert (tmp_path / "inferlink-report" / "report.html").is_file()
         if command.startswith("inferlink-audit init"):
@@ -129,7 +136,10 @@ def test_readme_commands_run_as_written(tmp_path):
             )
             assert "still to edit:" in output
         if command.startswith("inferlink-audit merge"):
-            assert (tmp_path / "merged" / "report.html").is_file()
+            out = command.split("--out ")[1]
+            assert (tmp_path / out / "report.html").is_file()
+        if "--shard" in command:
+            assert (tmp_path / command.split("--out ")[1].split()[0] / "results.json").is_file()
 
 
 def test_readme_spec_reference_is_a_valid_spec_with_every_key_known(tmp_path):
