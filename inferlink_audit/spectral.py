@@ -238,8 +238,18 @@ def operator_norm(
     the iteration does not reach ``tolerance``.
     """
     shape = tuple(int(d) for d in input_shape)
-    zero = torch.zeros(shape, dtype=torch.float64, device=device)
-    out, adjoint = torch.func.vjp(apply, zero)[:2]
+    # The adjoint is the vector-Jacobian product of the (linear) map, taken from one recorded
+    # graph. Plain autograd rather than torch.func.vjp, which imports TorchDynamo (~1.5 s).
+    zero = torch.zeros(shape, dtype=torch.float64, device=device, requires_grad=True)
+    with torch.enable_grad():
+        out = apply(zero)
+
+    def adjoint(y: torch.Tensor) -> tuple[torch.Tensor]:
+        if not out.requires_grad:  # a map that ignores its input: its adjoint is zero
+            return (torch.zeros_like(zero),)
+        (x,) = torch.autograd.grad(out, zero, grad_outputs=y, retain_graph=True, allow_unused=True)
+        return (torch.zeros_like(zero) if x is None else x,)
+
     out_shape, n_in, n_out = tuple(out.shape), math.prod(shape), out.numel()
     calls = 0
 

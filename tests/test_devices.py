@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -149,6 +151,27 @@ def test_deterministic_settings_cpu() -> None:
     assert torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_determinism_flags_and_operator_norms_do_not_load_the_torch_compiler() -> None:
+    # A fresh interpreter: torch.use_deterministic_algorithms imports TorchInductor and
+    # torch.func.vjp TorchDynamo (seconds each, the bulk of a small audit's start-up); the
+    # flags must be set all the same.
+    code = (
+        "import sys, torch\n"
+        "from inferlink_audit.devices import deterministic_settings\n"
+        "from inferlink_audit.spectral import operator_norm\n"
+        "deterministic_settings(torch.device('cpu'))\n"
+        "conv = torch.nn.Conv2d(2, 3, 3, bias=False).double()\n"
+        "operator_norm(conv, (1, 2, 6, 6), device=torch.device('cpu'), tolerance=1e-6)\n"
+        "print(torch.are_deterministic_algorithms_enabled(),"
+        " torch.is_deterministic_algorithms_warn_only_enabled(),"
+        " 'torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["True", "True", "False", "False"]
 
 
 @pytest.mark.usefixtures("restore_determinism")
