@@ -472,16 +472,3 @@ def _two_loop(
         b = rho[:, i] * (y_hist[:, i] * z).sum(1)
         z += (alphas[m - 1 - i] - b)[:, None] * s_hist[:, i]
     return z
-
-
-def build_attack(spec: AttackSpec, input_range: tuple[float, float], seed: int) -> Attack:
-    """The attack a spec entry names."""
-    if isinstance(spec, FGSMSpec):
-        return FGSM(spec, input_range, seed)
-    if isinstance(spec, PGDSpec):
-        return PGD(spec, input_range, seed)
-    if isinstance(spec, GaussianSpec):
-        return GaussianNoise(spec, input_range, seed)
-    if isinstance(spec, LBFGSSpec):
-        return BoxLBFGS(spec, input_range, seed)
-    raise TypeError(f"unknown attack spec {spec!r}")

@@ -12,7 +12,8 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from inferlink_audit.attacks import EXAMPLE_CHUNK, FGSM, PGD, BoxLBFGS, GaussianNoise, build_attack
+from inferlink_audit.attack_builder import build_attack
+from inferlink_audit.attacks import EXAMPLE_CHUNK, FGSM, PGD, BoxLBFGS, GaussianNoise
 from inferlink_audit.audit import AuditSession, run_audit
 from inferlink_audit.errors import UnsupportedError
 from inferlink_audit.report import report_html

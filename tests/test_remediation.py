@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from torch import nn
 
-from inferlink_audit.attacks import build_attack
+from inferlink_audit.attack_builder import build_attack
 from inferlink_audit.audit import AuditSession
 from inferlink_audit.checks import plan_checks
 from inferlink_audit.errors import IntegrityError, SpecError
