@@ -30,19 +30,10 @@ from inferlink_audit.summary import INERT_EXPLANATION, text_summary
 from inferlink_audit.sweep import Curves, EvalData, Evaluator, frozen_parameters, sweep_scope
 
 from .naive_reference import naive_sweep
+from .test_sweep import TinyCNN
 
 EPS = 0.1
 THRESHOLDS = 9
-
-
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(3 * 4 * 4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 def _data(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
