@@ -59,10 +59,20 @@ class EvalData:
     x: torch.Tensor
     y: torch.Tensor
     batch_size: int
+    # Where each batch starts in the whole test set when these examples are only part of it (a
+    # torchrun rank's share, a round of sequential evaluation), so that an attack's random
+    # draws follow the example and not its place in the part. None: the whole set, in order.
+    batch_starts: list[int] | None = None
 
     @property
     def n(self) -> int:
         return int(self.y.shape[0])
+
+    def offset(self, index: int) -> int:
+        """Position in the whole test set of the first example of batch ``index``."""
+        if self.batch_starts is not None:
+            return self.batch_starts[index]
+        return index * self.batch_size
 
     def batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for index, start in enumerate(range(0, self.n, self.batch_size)):
@@ -75,7 +85,7 @@ class EvalData:
         """Every batch with ``attack``'s output on it, each example at its place in the data
         (so the attack's random draws do not depend on the batch size)."""
         for index, xb, yb in self.batches():
-            yield index, xb, yb, attack(model, xb, yb, offset=index * self.batch_size)
+            yield index, xb, yb, attack(model, xb, yb, offset=self.offset(index))
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
@@ -369,7 +379,7 @@ class Evaluator:
                     (grad,) = torch.autograd.grad(loss, leaf, retain_graph=True)
                 x_adv, clean_logits = self.attack.step(xb, grad), logits.detach()
             elif self.fixed_adversarial is None:
-                out = self.attack(self.model, xb, yb, offset=index * self.data.batch_size)
+                out = self.attack(self.model, xb, yb, offset=self.data.offset(index))
                 x_adv, clean_logits = out.adversarial, out.clean_logits
             else:
                 x_adv, clean_logits = self.fixed_adversarial[index], None
