@@ -110,9 +110,11 @@ class AuditSession:
         cache: SweepCache | None = None,
         on_variant: Callable[[str], None] | None = None,
         output_dir: Path | None = None,
+        worker: int | None = None,
     ) -> None:
         self.spec = spec
         self.device_name = device or spec.device
+        self.worker = worker  # a parallel worker's index: auto/cuda pick its GPU (devices)
         self.cache = cache
         self.on_variant = on_variant
         self.started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -159,7 +161,7 @@ class AuditSession:
         """The device asked for (on the command line, else in the spec), made deterministic."""
         spec = self.spec
         with located_errors(spec, ("device",) if self.device_name == spec.device else ()):
-            device = resolve_device(self.device_name)
+            device = resolve_device(self.device_name, worker=self.worker)
         return device, deterministic_settings(device)
 
     def _dataset(self) -> Dataset:

@@ -21,6 +21,7 @@ import torch
 from .errors import DeviceError, ResourceError
 
 __all__ = [
+    "cuda_device_count",
     "describe_device",
     "deterministic_settings",
     "is_out_of_memory",
@@ -29,6 +30,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "synchronize",
+    "worker_device_name",
 ]
 
 _NAME_RE = re.compile(r"^(?P<kind>auto|cpu|cuda|xla|mps)(?::(?P<index>\d+))?$")
@@ -36,12 +38,47 @@ _NAME_RE = re.compile(r"^(?P<kind>auto|cpu|cuda|xla|mps)(?::(?P<index>\d+))?$")
 _CUBLAS_WORKSPACE = ":4096:8"
 
 
-def resolve_device(name: str) -> torch.device:
+def cuda_device_count() -> int:
+    """How many CUDA devices this process can use (0 without CUDA).
+
+    The one place that counts GPUs, so a test can replace it to simulate several on a CPU.
+    """
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_device_name(name: str, worker: int | None, count: int | None = None) -> str:
+    """The device name parallel worker ``worker`` (0, 1, ...) uses for a spec's ``name``.
+
+    With ``auto`` or ``cuda`` (no index) and ``count`` GPUs (default: ``cuda_device_count()``),
+    worker i uses ``cuda:(i mod count)``, so N pytest-xdist workers spread over the GPUs
+    instead of all sharing the first. An explicit index, another kind, no worker or no GPU
+    leave ``name`` as it is.
+    """
+    if worker is None or name.strip().lower() not in ("auto", "cuda"):
+        return name
+    count = cuda_device_count() if count is None else count
+    return f"cuda:{worker % count}" if count > 0 else name
+
+
+def resolve_device(name: str, *, worker: int | None = None) -> torch.device:
     """Turn a spec's ``device:`` value into a ``torch.device`` that exists on this machine.
 
     ``auto`` picks CUDA when it is available and the CPU otherwise; every other name must
-    exist, so an audit never silently runs somewhere other than where the spec asked.
+    exist, so an audit never silently runs somewhere other than where the spec asked. On
+    parallel worker ``worker``, ``auto`` and ``cuda`` mean ``worker_device_name``'s GPU.
     """
+    wanted = worker_device_name(name, worker)
+    if wanted == name:
+        return _resolve_name(name)
+    try:
+        return _resolve_name(wanted)
+    except DeviceError as exc:
+        raise DeviceError(
+            f"device {name!r} on parallel worker {worker} is {wanted}: {exc}"
+        ) from exc
+
+
+def _resolve_name(name: str) -> torch.device:
     text = name.strip().lower()
     match = _NAME_RE.match(text)
     if match is None or (match["index"] is not None and match["kind"] in ("auto", "cpu", "mps")):

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from inferlink_audit import devices
 from inferlink_audit.devices import (
     describe_device,
     deterministic_settings,
     resolve_device,
     seed_everything,
     synchronize,
+    worker_device_name,
 )
 from inferlink_audit.errors import DeviceError
 
@@ -180,3 +182,55 @@ def test_deterministic_settings_cuda_sets_cublas_workspace() -> None:
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     settings = deterministic_settings(torch.device("cuda", 0))
     assert settings["CUBLAS_WORKSPACE_CONFIG"] == os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+# --------------------------------------------------------------------------- parallel workers
+@pytest.mark.parametrize(
+    ("name", "worker", "count", "expected"),
+    [
+        ("auto", 0, 2, "cuda:0"),
+        ("auto", 1, 2, "cuda:1"),
+        ("cuda", 2, 2, "cuda:0"),
+        ("CUDA", 3, 2, "cuda:1"),
+        ("auto", 5, 1, "cuda:0"),
+        ("auto", 1, 0, "auto"),  # no GPU: auto still means the CPU
+        ("cuda:1", 0, 2, "cuda:1"),  # an explicit index is kept
+        ("cpu", 1, 2, "cpu"),
+        ("xla", 1, 2, "xla"),
+        ("auto", None, 2, "auto"),  # not a worker: the usual meaning
+    ],
+)
+def test_worker_i_uses_gpu_i_mod_count(
+    name: str, worker: int | None, count: int, expected: str
+) -> None:
+    assert worker_device_name(name, worker, count) == expected
+
+
+def test_the_gpu_count_comes_from_the_one_seam(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 3)
+    assert [worker_device_name("auto", i) for i in range(5)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+        "cuda:0",
+        "cuda:1",
+    ]
+
+
+@no_cuda
+def test_a_worker_whose_gpu_is_missing_says_which_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 2)
+    with pytest.raises(
+        DeviceError,
+        match=r"^device 'auto' on parallel worker 3 is cuda:1: device 'cuda:1': CUDA is not",
+    ):
+        resolve_device("auto", worker=3)
+
+
+@needs_cuda
+def test_a_worker_resolves_to_its_gpu() -> None:
+    count = torch.cuda.device_count()
+    assert resolve_device("auto", worker=count + 1) == torch.device("cuda", 1 % count)
+    assert resolve_device("cpu", worker=1) == torch.device("cpu")

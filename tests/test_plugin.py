@@ -423,6 +423,39 @@ def test_xdist_gives_the_same_results_and_computes_each_sweep_once(
     assert (pytester.path / "parallel" / "report.html").is_file()
 
 
+def test_xdist_worker_n_runs_on_gpu_n_mod_count(pytester: pytest.Pytester, spec: Path) -> None:
+    """Two simulated GPUs (the device-count seam, set in every worker by a conftest): the items
+    worker gwN ran asked for cuda:(N mod 2). On this CPU-only machine they fail to open it, and
+    the error names the worker and the GPU it was given."""
+    pytest.importorskip("xdist")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("simulates GPUs on a machine without CUDA")
+    pytester.makeconftest(
+        "import inferlink_audit.devices as devices\ndevices.cuda_device_count = lambda: 2\n"
+    )
+    result = pytester.runpytest_subprocess(
+        OPTION_AUDIT, str(spec), "-p", "no:cacheprovider", "-n", "2", "-vv", "-rf"
+    )
+    result.assert_outcomes(failed=6)
+    output = result.stdout.str()
+    ran_on = dict(
+        (nodeid, int(worker))
+        for worker, nodeid in re.findall(r"^\[gw(\d+)\] \[\s*\d+%\] FAILED (\S+)", output, re.M)
+    )
+    asked = dict(
+        (nodeid, (int(worker), int(gpu)))
+        for nodeid, worker, gpu in re.findall(
+            r"^FAILED (\S+) - .*device 'auto' on parallel worker (\d+) is cuda:(\d+): ",
+            output,
+            re.M,
+        )
+    )
+    assert len(ran_on) == 6 and set(ran_on.values()) == {0, 1}  # both workers ran sweeps
+    assert asked == {nodeid: (worker, worker % 2) for nodeid, worker in ran_on.items()}
+
+
 # --------------------------------------------------------------------------- compare, remediation
 def test_compare_and_remediation_reach_the_report(pytester: pytest.Pytester) -> None:
     """compare: the compared spec is audited as a spec of its own and the controller adds label
@@ -478,6 +511,7 @@ def assert_ran_on_cpu(result: pytest.RunResult, report: Path) -> None:
     result.assert_outcomes(passed=1, deselected=5)
     data = json.loads((report / "results.json").read_text(encoding="utf-8"))
     assert data["meta"]["device"] == "cpu"
+    assert data["meta"]["devices"] == ["cpu"]  # every session that ran
     (model,) = data["models"]
     assert [c["id"] for c in model["checks"]] == ["min_clean_accuracy"]
 

@@ -373,6 +373,8 @@ def _meta(specs: list[list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
     meta["seconds"] = round(seconds, 3)
     meta["timings"] = dict(sorted(timings.items()))
     meta["runner"] = "pytest"
+    # Under xdist with several GPUs each worker has its own (devices.worker_device_name).
+    meta["devices"] = sorted({p["meta"]["device"] for items in with_meta for p in items})
     if prefix:
         meta["specs"] = [
             {

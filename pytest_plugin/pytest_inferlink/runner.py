@@ -36,6 +36,16 @@ STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 CACHE_FOLDER = "inferlink-audit"
 
 
+def xdist_worker_index(config: pytest.Config) -> int | None:
+    """This process's pytest-xdist worker number (``gw3`` -> 3), None on the controller or in
+    a serial run; with several GPUs, worker i runs its specs on ``cuda:(i mod count)``."""
+    workerinput = getattr(config, "workerinput", None)
+    worker_id = workerinput.get("workerid") if workerinput is not None else None
+    worker_id = worker_id or os.environ.get("PYTEST_XDIST_WORKER", "")
+    digits = str(worker_id).removeprefix("gw")
+    return int(digits) if workerinput is not None and digits.isdigit() else None
+
+
 class AuditPlugin:
     """Registered while specs are configured; one per pytest process (controller or worker).
 
@@ -51,6 +61,7 @@ class AuditPlugin:
         self.report_dir = report_dir
         self.device = device
         self.is_worker = hasattr(config, "workerinput")
+        self.worker = xdist_worker_index(config)
         self._spec_set = frozenset(specs)
         self._cache: DiskSweepCache | None = None
         self._cache_ready = False
@@ -110,7 +121,11 @@ class AuditPlugin:
 
             self._share_cores()
             session = AuditSession(
-                spec, device=self.device, cache=self.cache, output_dir=self.report_dir
+                spec,
+                device=self.device,
+                cache=self.cache,
+                output_dir=self.report_dir,
+                worker=self.worker,
             )
             # compare: share the compared specs' sessions (they are collected as specs too)
             session.peer_factory = lambda peer: self.session_for(peer, load_spec(peer))
