@@ -39,8 +39,15 @@ class ModelSpec(_Strict):
         description="module.path:Name, file.py:Name (next to the spec), 'torchvision: resnet18' "
         "or 'torchscript: model.pt'"
     )
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Path | None = None
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments passed to the factory as they are",
+    )
+    checkpoint: Path | None = Field(
+        default=None,
+        description="the weights: .safetensors, or .pt/.pth/.ckpt/.bin loaded weights_only; "
+        "relative to the spec; none: the factory's own weights",
+    )
     trust_pickle: bool = Field(
         default=False,
         description="DANGER: allow checkpoints/TorchScript files that can run arbitrary code.",
@@ -81,8 +88,14 @@ class ModelSpec(_Strict):
 class NormalizeSpec(_Strict):
     """Per-channel (x - mean) / std, applied inside the model wrapper so ε stays in input units."""
 
-    mean: list[float] = Field(min_length=1)
-    std: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1)
+    mean: list[float] = Field(
+        min_length=1,
+        description="per-channel mean subtracted inside the model wrapper",
+    )
+    std: list[Annotated[float, Field(gt=0.0)]] = Field(
+        min_length=1,
+        description="per-channel standard deviation (> 0) the inputs are divided by",
+    )
 
     @model_validator(mode="after")
     def _same_length(self) -> NormalizeSpec:
@@ -101,13 +114,36 @@ TorchvisionDataset = Literal["MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "Im
 class DataSourceSpec(_Strict):
     """Where examples come from; shared by the test set and the training split."""
 
-    source: DataSource
-    split: Literal["train", "test"] = "test"
-    path: Path | None = None
-    name: TorchvisionDataset | None = None
-    root: Path | None = None
-    download: bool = False
-    limit: PositiveInt | None = None
+    source: DataSource = Field(
+        description="where the examples come from: sklearn_digits, tensors (a file) or "
+        "torchvision (a local dataset)"
+    )
+    split: Literal["train", "test"] = Field(
+        default="test",
+        description="which split of the source: train or test",
+    )
+    path: Path | None = Field(
+        default=None,
+        description="source tensors: a .pt dict {x, y} (loaded weights_only) or a .npz with "
+        "arrays x, y; relative to the spec",
+    )
+    name: TorchvisionDataset | None = Field(
+        default=None,
+        description="source torchvision: MNIST, FashionMNIST, CIFAR10, CIFAR100 or ImageFolder",
+    )
+    root: Path | None = Field(
+        default=None,
+        description="source torchvision: the local folder holding the dataset",
+    )
+    download: bool = Field(
+        default=False,
+        description="source torchvision: fetch the dataset when missing (the only download there "
+        "is)",
+    )
+    limit: PositiveInt | None = Field(
+        default=None,
+        description="use only the first N examples (default: all)",
+    )
 
     @model_validator(mode="after")
     def _source_needs(self) -> DataSourceSpec:
@@ -124,10 +160,24 @@ class DataSpec(DataSourceSpec):
     """The test set the audit measures on, and how inputs are scaled."""
 
     # A number, or "auto": the largest batch that fits the device, measured (see batching).
-    batch_size: PositiveInt | Literal["auto"] = 256
-    input_range: tuple[float, float] = (0.0, 1.0)
-    normalize: NormalizeSpec | None = None
-    train: DataSourceSpec | None = None
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        default=256,
+        description="examples per batch, or auto: the largest batch that fits the device, measured",
+    )
+    input_range: tuple[float, float] = Field(
+        default=(0.0, 1.0),
+        description="[low, high] of the inputs: the box attacks stay in; ε and σ are in these "
+        "units",
+    )
+    normalize: NormalizeSpec | None = Field(
+        default=None,
+        description="per-channel (x - mean) / std applied inside the model wrapper, so ε stays in "
+        "input units",
+    )
+    train: DataSourceSpec | None = Field(
+        default=None,
+        description="the training split remediation retrains on",
+    )
 
     @model_validator(mode="after")
     def _range_order(self) -> DataSpec:
@@ -141,10 +191,25 @@ class DataSpec(DataSourceSpec):
 class LayerSelectionSpec(_Strict):
     """Which modules are analysed: by type name, then glob include/exclude on qualified names."""
 
-    types: list[str] = Field(default_factory=lambda: list(DEFAULT_LAYER_TYPES), min_length=1)
-    include: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    exclude: list[str] = Field(default_factory=list)
-    parameters: list[str] = Field(default_factory=lambda: ["weight"], min_length=1)
+    types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LAYER_TYPES),
+        min_length=1,
+        description="module class names analysed (Conv1d, Conv2d, Conv3d, Linear by default)",
+    )
+    include: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="glob patterns of qualified module names to analyse",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of qualified module names left out",
+    )
+    parameters: list[str] = Field(
+        default_factory=lambda: ["weight"],
+        min_length=1,
+        description="which tensors of each module are filtered (weight; bias too if listed)",
+    )
 
 
 def _default_scopes() -> list[ScopeName]:
@@ -158,21 +223,57 @@ def _default_filters() -> list[FilterName]:
 class FilteringSpec(_Strict):
     """Synaptic filtering (docs/method.md §2–4)."""
 
-    scopes: list[ScopeName] = Field(default_factory=_default_scopes, min_length=1)
-    filters: list[FilterName] = Field(default_factory=_default_filters, min_length=1)
-    thresholds: Annotated[int, Field(ge=3, le=10_000)] = 25
-    values: Literal["signed", "magnitude"] = "signed"
-    layers: LayerSelectionSpec = Field(default_factory=LayerSelectionSpec)
-    adversarial_source: Literal["filtered", "original"] = "filtered"
-    tolerance: Annotated[float, Field(ge=0.0)] = 0.05
-    range: tuple[float, float] | None = None
-    fast: bool = False
+    scopes: list[ScopeName] = Field(
+        default_factory=_default_scopes,
+        min_length=1,
+        description="local (one layer at a time) and/or global (all selected layers at once)",
+    )
+    filters: list[FilterName] = Field(
+        default_factory=_default_filters,
+        min_length=1,
+        description="synaptic filters to sweep: low_pass, high_pass, pulse",
+    )
+    thresholds: Annotated[int, Field(ge=3, le=10_000)] = Field(
+        default=25,
+        description="thresholds per sweep, spaced linearly over the scope's values (at least 3)",
+    )
+    values: Literal["signed", "magnitude"] = Field(
+        default="signed",
+        description="filter on the signed values, or on |θ| (magnitude, the pruning view)",
+    )
+    layers: LayerSelectionSpec = Field(
+        default_factory=LayerSelectionSpec,
+        description="which modules are analysed: by type, then include/exclude globs",
+    )
+    adversarial_source: Literal["filtered", "original"] = Field(
+        default="filtered",
+        description="craft adversarial examples on each filtered network (white-box) or once on "
+        "the original (transfer, cheaper)",
+    )
+    tolerance: Annotated[float, Field(ge=0.0)] = Field(
+        default=0.05,
+        description="τ: how far a score must pass the baseline to label a layer fragile or "
+        "antifragile",
+    )
+    range: tuple[float, float] | None = Field(
+        default=None,
+        description="[low, high] of the global scope's thresholds (default: the values' min and "
+        "max)",
+    )
+    fast: bool = Field(
+        default=False,
+        description="opt-in approximations (several thresholds per pass, bf16 on CUDA), each "
+        "reporting its measured error",
+    )
     # Memory for the activations a local sweep reuses: every storage the cache keeps alive
     # (FGSM's saved autograd tensors, live and skip values) counts, and a scope whose cache
     # would not fit runs whole. 2 GiB keeps an audit within a 7 GB CI runner; on a
     # 16/32/64-channel ResNet with 1,024 32x32 images the deepest FGSM cache needs 1.05 GB and
     # saves 1.45x per variant there (benchmarks/README.md).
-    prefix_cache_mb: Annotated[int, Field(ge=0)] = 2048
+    prefix_cache_mb: Annotated[int, Field(ge=0)] = Field(
+        default=2048,
+        description="memory (MiB) for the activations local sweeps reuse; 0 turns the reuse off",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> FilteringSpec:
@@ -210,10 +311,19 @@ class PGDSpec(_Strict):
     """Projected gradient descent (Madry et al., 2018), L∞ or L2."""
 
     eps: Annotated[float, Field(gt=0.0)]
-    steps: Annotated[int, Field(ge=1, le=10_000)] = 10
-    step_size: Annotated[float, Field(gt=0.0)] | None = None
-    norm: Literal["linf", "l2"] = "linf"
-    random_start: bool = False
+    steps: Annotated[int, Field(ge=1, le=10_000)] = Field(default=10, description="gradient steps")
+    step_size: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None,
+        description="step length in the norm (default: 2.5 ε / steps)",
+    )
+    norm: Literal["linf", "l2"] = Field(
+        default="linf",
+        description="the threat model's norm: linf or l2",
+    )
+    random_start: bool = Field(
+        default=False,
+        description="start from a random point in the ε-ball instead of the input",
+    )
 
     kind: ClassVar[str] = "pgd"
 
@@ -249,8 +359,14 @@ class GaussianSpec(_Strict):
 class LBFGSSpec(_Strict):
     """Box-constrained L-BFGS (Szegedy et al., 2014)."""
 
-    target: Literal["next", "random"] | Annotated[int, Field(ge=0)] = "next"
-    max_iter: Annotated[int, Field(ge=1, le=10_000)] = 50
+    target: Literal["next", "random"] | Annotated[int, Field(ge=0)] = Field(
+        default="next",
+        description="the class to reach: next (label + 1), random, or a class index",
+    )
+    max_iter: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=50,
+        description="L-BFGS iterations per example and line-search step",
+    )
 
     kind: ClassVar[str] = "lbfgs"
 
@@ -270,12 +386,26 @@ class APGDSpec(_Strict):
     """Auto-PGD (Croce & Hein, 2020): step size, momentum and restarts set by the method."""
 
     eps: Annotated[float, Field(gt=0.0)]
-    norm: Norm = "linf"
-    loss: Literal["ce", "dlr"] = "ce"
-    steps: Annotated[int, Field(ge=1, le=10_000)] = 100
-    restarts: Annotated[int, Field(ge=1, le=100)] = 1
-    targeted: bool = False
-    target_classes: Annotated[int, Field(ge=1, le=1000)] = 9  # top classes tried when targeted
+    norm: Norm = Field(default="linf", description="the threat model's norm: linf or l2")
+    loss: Literal["ce", "dlr"] = Field(
+        default="ce",
+        description="the loss maximised: ce (cross-entropy) or dlr (difference of logits ratio)",
+    )
+    steps: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=100,
+        description="iterations per restart",
+    )
+    restarts: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=1,
+        description="random restarts; an example counts as broken if any breaks it",
+    )
+    targeted: bool = Field(
+        default=False,
+        description="run targeted against each of the top target_classes other classes",
+    )
+    target_classes: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=9, description="with targeted: how many of the top other classes are tried"
+    )
 
     kind: ClassVar[str] = "apgd"
 
@@ -296,9 +426,15 @@ class SquareSpec(_Strict):
     """Square attack (Andriushchenko et al., 2020): score-based, gradient-free, L∞ or L2."""
 
     eps: Annotated[float, Field(gt=0.0)]
-    norm: Norm = "linf"
-    queries: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
-    p_init: Annotated[float, Field(gt=0.0, le=1.0)] = 0.8
+    norm: Norm = Field(default="linf", description="the threat model's norm: linf or l2")
+    queries: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=1000,
+        description="model queries per example",
+    )
+    p_init: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.8,
+        description="initial fraction of the input a square covers",
+    )
 
     kind: ClassVar[str] = "square"
 
@@ -315,8 +451,11 @@ class AutoAttackSpec(_Strict):
     """AutoAttack (Croce & Hein, 2020): an ensemble, the worst case per example."""
 
     eps: Annotated[float, Field(gt=0.0)]
-    norm: Norm = "linf"
-    version: Literal["standard", "fast"] = "standard"
+    norm: Norm = Field(default="linf", description="the threat model's norm: linf or l2")
+    version: Literal["standard", "fast"] = Field(
+        default="standard",
+        description="standard: APGD-CE, APGD-T and Square; fast: APGD-CE and APGD-DLR",
+    )
 
     kind: ClassVar[str] = "autoattack"
 
@@ -337,13 +476,31 @@ GRADIENT_ATTACKS = (FGSMSpec, PGDSpec, LBFGSSpec, APGDSpec, AutoAttackSpec)
 class AttackItem(_Strict):
     """One entry of ``attacks:``, a one-key mapping such as ``- fgsm: {eps: 0.1}``."""
 
-    fgsm: FGSMSpec | None = None
-    pgd: PGDSpec | None = None
-    gaussian: GaussianSpec | None = None
-    lbfgs: LBFGSSpec | None = None
-    apgd: APGDSpec | None = None
-    square: SquareSpec | None = None
-    autoattack: AutoAttackSpec | None = None
+    fgsm: FGSMSpec | None = Field(
+        default=None,
+        description="fast gradient sign method (Goodfellow et al., 2015)",
+    )
+    pgd: PGDSpec | None = Field(
+        default=None,
+        description="projected gradient descent (Madry et al., 2018), L∞ or L2",
+    )
+    gaussian: GaussianSpec | None = Field(
+        default=None,
+        description="additive Gaussian noise, clamped to the input range",
+    )
+    lbfgs: LBFGSSpec | None = Field(
+        default=None,
+        description="box-constrained L-BFGS (Szegedy et al., 2014), per example",
+    )
+    apgd: APGDSpec | None = Field(default=None, description="Auto-PGD (Croce & Hein, 2020)")
+    square: SquareSpec | None = Field(
+        default=None,
+        description="Square attack: score-based, gradient-free",
+    )
+    autoattack: AutoAttackSpec | None = Field(
+        default=None,
+        description="AutoAttack ensemble: the worst case per example",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AttackItem:
@@ -366,22 +523,52 @@ class AttackItem(_Strict):
 
 # --------------------------------------------------------------------------- checks
 class FragileFractionCheck(_Strict):
-    value: Fraction
-    on: ResponseName = "adversarial"
+    value: Fraction = Field(
+        description="the largest fraction of analysed parameters allowed in fragile layers"
+    )
+    on: ResponseName = Field(
+        default="adversarial",
+        description="which response labels the layers: clean or adversarial",
+    )
 
 
 class ChecksSpec(_Strict):
     """Thresholds the audit asserts; each absent key is simply not checked."""
 
-    min_clean_accuracy: Fraction | None = None
+    min_clean_accuracy: Fraction | None = Field(
+        default=None,
+        description="the least clean accuracy allowed on the test set",
+    )
     min_adversarial_accuracy: Fraction | None = None
-    max_fragile_fraction: FragileFractionCheck | None = None
-    max_targeted_layers: Annotated[int, Field(ge=0)] | None = None
-    max_lipschitz_upper_bound: Annotated[float, Field(gt=0.0)] | None = None
-    no_new_fragile_layers: bool = False
-    max_score_drop: Annotated[float, Field(ge=0.0)] | None = None
+    max_fragile_fraction: FragileFractionCheck | None = Field(
+        default=None,
+        description="per filter and attack: the largest fragile-parameter fraction, {value, on} "
+        "or a bare number (on: adversarial)",
+    )
+    max_targeted_layers: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="per filter and attack: the most layers an attack may target",
+    )
+    max_lipschitz_upper_bound: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None,
+        description="the largest upper bound of the network's L2 Lipschitz constant allowed",
+    )
+    no_new_fragile_layers: bool = Field(
+        default=False,
+        description="per filter and attack: fail when a layer is fragile that was not in the "
+        "baseline",
+    )
+    max_score_drop: Annotated[float, Field(ge=0.0)] | None = Field(
+        default=None,
+        description="per filter and attack: the largest drop of a layer's score against the "
+        "baseline",
+    )
     # Attack-failure indicators (attack_sanity): None: on when pgd, apgd or autoattack is listed.
-    attack_sanity: bool | None = None
+    attack_sanity: bool | None = Field(
+        default=None,
+        description="attack-failure indicators as checks (default: on when pgd, apgd or "
+        "autoattack is listed)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -396,50 +583,113 @@ class ChecksSpec(_Strict):
 
 # --------------------------------------------------------------------------- remediation, report
 class SelectiveRetrainSpec(_Strict):
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 2
-    lr: Annotated[float, Field(gt=0.0)] = 1.0e-3
-    optimizer: Literal["adam", "sgd"] = "adam"
-    adversarial_mix: Fraction = 0.0
-    min_adversarial_gain: float | None = None
-    response: ResponseName = "adversarial"
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=2,
+        description="training epochs, for the selective run and its control alike",
+    )
+    lr: Annotated[float, Field(gt=0.0)] = Field(default=1.0e-3, description="learning rate")
+    optimizer: Literal["adam", "sgd"] = Field(default="adam", description="adam or sgd")
+    adversarial_mix: Fraction = Field(
+        default=0.0,
+        description="fraction of each batch replaced by FGSM examples crafted on the model in "
+        "training",
+    )
+    min_adversarial_gain: float | None = Field(
+        default=None,
+        description="the least adversarial-accuracy gain of selective retraining, asserted as an "
+        "item of its own",
+    )
+    response: ResponseName = Field(
+        default="adversarial",
+        description="which response's fragile labels choose the frozen layers: clean or "
+        "adversarial",
+    )
 
 
 class RemediationSpec(_Strict):
-    selective_retrain: SelectiveRetrainSpec = Field(default_factory=SelectiveRetrainSpec)
+    selective_retrain: SelectiveRetrainSpec = Field(
+        default_factory=SelectiveRetrainSpec,
+        description="freeze the fragile layers, retrain the others, compare with retraining all",
+    )
 
 
 class ReportSpec(_Strict):
-    dir: Path = Path("inferlink-report")
+    dir: Path = Field(
+        default=Path("inferlink-report"),
+        description="folder for results.json and report.html, relative to the spec",
+    )
 
 
 class StatisticsSpec(_Strict):
     """How sure each number and decision is (opt-in; docs/method.md). The seed is the spec's."""
 
-    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
-    resamples: Annotated[int, Field(ge=100, le=100_000)] = 1000
-    decide: Literal["estimate", "strict", "lenient"] = "estimate"
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.95,
+        description="confidence level of every interval",
+    )
+    resamples: Annotated[int, Field(ge=100, le=100_000)] = Field(
+        default=1000,
+        description="bootstrap resamples of the per-example outcomes",
+    )
+    decide: Literal["estimate", "strict", "lenient"] = Field(
+        default="estimate",
+        description="estimate (compare the estimate), strict (pass only if sure) or lenient (fail "
+        "only if sure)",
+    )
 
 
 # --------------------------------------------------------------------------- the audit
 class AuditSpec(_Strict):
     """A whole audit: one model, its test set, the stress to apply and the checks to assert."""
 
-    version: Literal[1]
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    model: ModelSpec
-    data: DataSpec
-    device: str = "auto"
-    seed: Annotated[int, Field(ge=0)] = 0
-    filtering: FilteringSpec = Field(default_factory=FilteringSpec)
-    attacks: list[AttackItem] = Field(
-        default_factory=lambda: [AttackItem(fgsm=FGSMSpec(eps=DEFAULT_FGSM_EPS))]
+    version: Literal[1] = Field(description="version of the spec format: 1")
+    name: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="the model's name in item ids, results and the report"
     )
-    checks: ChecksSpec = Field(default_factory=ChecksSpec)
-    baseline: Path | None = None
-    compare: list[Path] = Field(default_factory=list)
-    remediation: RemediationSpec | None = None
-    report: ReportSpec = Field(default_factory=ReportSpec)
-    statistics: StatisticsSpec | None = None
+    model: ModelSpec = Field(description="how to build the network and which weights to load")
+    data: DataSpec = Field(
+        description="the test set the audit measures on, and how inputs are scaled"
+    )
+    device: str = Field(
+        default="auto",
+        description="auto, cpu, cuda, cuda:N, xla, xla:N or mps (auto: CUDA when available, else "
+        "the CPU)",
+    )
+    seed: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="seeds Python, NumPy and torch: random attacks and sampling repeat exactly",
+    )
+    filtering: FilteringSpec = Field(
+        default_factory=FilteringSpec,
+        description="synaptic filtering: scopes, filters, thresholds and layers swept",
+    )
+    attacks: list[AttackItem] = Field(
+        default_factory=lambda: [AttackItem(fgsm=FGSMSpec(eps=DEFAULT_FGSM_EPS))],
+        description="the external stress, one mapping per attack such as '- fgsm: {eps: 0.1}' "
+        "(default: FGSM with ε = 8/255)",
+    )
+    checks: ChecksSpec = Field(
+        default_factory=ChecksSpec,
+        description="limits the audit asserts; each absent key is not checked",
+    )
+    baseline: Path | None = Field(
+        default=None,
+        description="results.json of the released model, for the regression checks",
+    )
+    compare: list[Path] = Field(
+        default_factory=list,
+        description="further specs audited into the same report (label consistency, "
+        "transferability)",
+    )
+    remediation: RemediationSpec | None = Field(
+        default=None,
+        description="selective retraining of a failing model (needs data.train)",
+    )
+    report: ReportSpec = Field(default_factory=ReportSpec, description="where the report goes")
+    statistics: StatisticsSpec | None = Field(
+        default=None,
+        description="opt-in intervals for every number and decision",
+    )
 
     # Set by the loader: where the spec came from, so errors and reports can point into it.
     _source_path: Path | None = PrivateAttr(default=None)
