@@ -16,7 +16,8 @@ Every indicator is a number compared with a limit (the item passes when measured
   attack's loss is zero or not finite;
 * ``iterative_weaker``: accuracy under the iterative attack minus accuracy under one step of
   size ε (FGSM for L∞, FGM for L2) at the same ε;
-* ``eps_not_monotone``: accuracy at ε minus accuracy at ε/2;
+* ``eps_not_monotone``: accuracy at ε minus accuracy at ε/2 (with a list of ε, the largest
+  rise in accuracy from one listed ε to the next along the curve);
 * ``unbounded_not_broken``: accuracy of the iterative attack when ε covers the whole input
   box (any input is allowed, so it should be ≈ 0);
 * ``black_box_stronger``: accuracy under the white-box attack minus accuracy under the
@@ -27,9 +28,10 @@ Every indicator is a number compared with a limit (the item passes when measured
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal, Protocol
 
 import torch
@@ -37,6 +39,7 @@ from torch import nn
 
 from .apgd import APGD, LOSSES
 from .attack_builder import build_attack
+from .indicators import GUIDE
 from .spec import APGDSpec, AttackSpec, AutoAttackSpec, FGSMSpec, PGDSpec, SquareSpec
 
 EpsAttack = FGSMSpec | PGDSpec | APGDSpec | AutoAttackSpec  # the attacks with a budget ε
@@ -89,6 +92,10 @@ def _listed(examples: tuple[int, ...]) -> str:
     shown = ", ".join(str(i) for i in examples[:SHOWN])
     more = f", … {len(examples) - SHOWN} more" if len(examples) > SHOWN else ""
     return f"examples {shown}{more}" if examples else "no examples"
+
+
+def _advice(name: str) -> str:
+    return f": {GUIDE[name].action}"
 
 
 def iterative(spec: AttackSpec) -> bool:
@@ -145,15 +152,25 @@ class SanityRunner:
             self._correct[spec.id] = torch.cat(parts)
         return self._correct[spec.id]
 
+    def remember(self, spec: AttackSpec, correct: torch.Tensor) -> None:
+        """Per-example outcomes of ``spec`` measured elsewhere on the same model, data and
+        batches (the audit's attack table), so the attack is not run twice."""
+        self._correct.setdefault(spec.id, correct.to(self.data.y.device))
+
     def accuracy(self, spec: AttackSpec) -> float:
         return float(self.correct_under(spec).float().mean())
 
-    def measure(self, name: str, spec: AttackSpec | None, limit: float) -> Indicator:
-        """The indicator ``name`` of the attack ``spec`` (None for the model's own)."""
+    def measure(
+        self, name: str, spec: AttackSpec | None, limit: float, curve: Sequence[AttackSpec] = ()
+    ) -> Indicator:
+        """The indicator ``name`` of the attack ``spec`` (None for the model's own); ``curve``
+        is the attack at every ε of its list, ascending, when the spec gave several."""
         if name == "unstable_predictions" or spec is None:
             return self.unstable_predictions(limit)
         if not isinstance(spec, EpsAttack) or name not in applicable(spec):
             raise ValueError(f"indicator {name!r} does not apply to attack {spec.id}")
+        if name == "eps_not_monotone" and len(curve) >= 2:
+            return self.eps_curve_not_monotone(spec, curve, limit)
         measured: Indicator = getattr(self, name)(spec, limit)
         return measured
 
@@ -172,11 +189,7 @@ class SanityRunner:
             f"({_listed(examples)})"
         )
         if measured > limit:
-            detail += (
-                ": the model is randomised (dropout or noise active in eval mode), so a "
-                "gradient attack follows one random draw; attack the expectation over the "
-                "randomness (EOT, Athalye et al. 2018) or make the model deterministic"
-            )
+            detail += _advice("unstable_predictions")
         return Indicator("unstable_predictions", None, measured, limit, detail, examples)
 
     def masked_gradients(self, spec: EpsAttack, limit: float) -> Indicator:
@@ -199,12 +212,7 @@ class SanityRunner:
             f"{measured:.1%} of the correctly classified examples ({_listed(examples)})"
         )
         if measured > limit:
-            detail += (
-                ": gradients are masked (a saturated softmax, a gradient-stopping or "
-                "non-differentiable layer), so gradient attacks cannot move; use the DLR loss "
-                "(apgd with loss: dlr, or autoattack), a black-box attack (square), or a "
-                "differentiable approximation of the masking layer (BPDA)"
-            )
+            detail += _advice("masked_gradients")
         return Indicator("masked_gradients", spec.id, measured, limit, detail, examples)
 
     def iterative_weaker(self, spec: EpsAttack, limit: float) -> Indicator:
@@ -220,10 +228,7 @@ class SanityRunner:
             f"same eps; {_listed(examples)} resist the iterative attack but not the single step"
         )
         if measured > limit:
-            detail += (
-                ": the iterative attack is failing (step size, too few steps, or masked "
-                "gradients); raise its steps or use apgd, which sets its step size itself"
-            )
+            detail += _advice("iterative_weaker")
         return Indicator("iterative_weaker", spec.id, measured, limit, detail, examples)
 
     def _loss_of(self, spec: EpsAttack) -> Literal["ce", "dlr"]:
@@ -257,10 +262,31 @@ class SanityRunner:
             f"({at_eps.label}); {_listed(examples)} broken at the smaller eps only"
         )
         if measured > limit:
-            detail += (
-                ": a larger budget should never help the model; the attack's optimisation "
-                "fails (gradient masking or a step size that does not scale with eps)"
-            )
+            detail += _advice("eps_not_monotone")
+        return Indicator("eps_not_monotone", spec.id, measured, limit, detail, examples)
+
+    def eps_curve_not_monotone(
+        self, spec: EpsAttack, curve: Sequence[AttackSpec], limit: float
+    ) -> Indicator:
+        """``eps_not_monotone`` read off the spec's own ε curve: the largest rise in accuracy
+        from one listed ε to the next (the curve's attacks, not a stand-in at ε/2)."""
+        correct = [self.correct_under(point) for point in curve]
+        accuracy = [float(c.float().mean()) for c in correct]
+        rises = [after - before for before, after in pairwise(accuracy)]
+        worst = max(range(len(rises)), key=lambda k: rises[k])
+        measured = rises[worst]
+        examples = _examples(correct[worst + 1] & ~correct[worst])
+        small, large = getattr(curve[worst], "eps", 0.0), getattr(curve[worst + 1], "eps", 0.0)
+        shown = ", ".join(
+            f"{a:.4f} at eps={getattr(p, 'eps', 0.0):g}"
+            for a, p in zip(accuracy, curve, strict=True)
+        )
+        detail = (
+            f"accuracy along the eps curve: {shown}; largest rise {measured:+.4f} from "
+            f"eps={small:g} to eps={large:g}; {_listed(examples)} broken at the smaller eps only"
+        )
+        if measured > limit:
+            detail += _advice("eps_not_monotone")
         return Indicator("eps_not_monotone", spec.id, measured, limit, detail, examples)
 
     def unbounded_not_broken(self, spec: EpsAttack, limit: float) -> Indicator:
@@ -276,10 +302,7 @@ class SanityRunner:
             f"box ({_listed(examples)} still correct)"
         )
         if measured > limit:
-            detail += (
-                ": with every input allowed the attack should reach ≈ 0; it cannot follow the "
-                "gradient (masking, saturation) or is cut short; check its steps and loss"
-            )
+            detail += _advice("unbounded_not_broken")
         return Indicator("unbounded_not_broken", spec.id, measured, limit, detail, examples)
 
     def black_box_stronger(self, spec: EpsAttack, limit: float) -> Indicator:
@@ -297,10 +320,7 @@ class SanityRunner:
             f"{_listed(examples)} broken by the black-box attack only"
         )
         if measured > limit:
-            detail += (
-                ": a gradient-free attack beats the white-box one, the classic sign of "
-                "gradient masking; trust the lower number and audit with autoattack"
-            )
+            detail += _advice("black_box_stronger")
         return Indicator("black_box_stronger", spec.id, measured, limit, detail, examples)
 
     def not_converged(self, spec: EpsAttack, limit: float) -> Indicator:
@@ -334,5 +354,5 @@ class SanityRunner:
             f"{measured:.1%} of the examples it left correct ({_listed(examples)})"
         )
         if measured > limit:
-            detail += ": the optimisation has not converged; raise steps (or restarts)"
+            detail += _advice("not_converged")
         return Indicator("not_converged", spec.id, measured, limit, detail, examples)

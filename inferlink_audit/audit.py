@@ -50,6 +50,7 @@ from .results import (
     AttackResult,
     AuditResult,
     CheckResult,
+    EpsCurve,
     LipschitzResult,
     ModelResult,
     SweepOutcomes,
@@ -57,7 +58,7 @@ from .results import (
     read_results,
 )
 from .scores import Members, scope_members, score_curves
-from .spec import DEFAULT_FGSM_EPS, AuditSpec, FGSMSpec
+from .spec import DEFAULT_FGSM_EPS, AttackSpec, AuditSpec, CurveSpec, FGSMSpec
 from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
 from .statistics import (
@@ -121,6 +122,7 @@ class AuditSession:
         self.timings: dict[str, float] = {}
         self.computed_sweeps = 0  # sweeps computed here (not taken from the cache)
         self._attacks: dict[str, AttackResult] = {}
+        self._attack_correct: dict[str, torch.Tensor] = {}  # per example, for the indicators
         self._sweeps: dict[tuple[str, str], list[SweepResult]] = {}
         self._clean: float | None = None
         self._evaluators: dict[str, tuple[Evaluator, tuple[float, float]]] = {}
@@ -261,6 +263,7 @@ class AuditSession:
             rms: list[torch.Tensor] = []
             linf: list[torch.Tensor] = []
             l2: list[torch.Tensor] = []
+            still_correct: list[torch.Tensor] = []
             with frozen_parameters(model):
                 for _, xb, yb, out in p.data.attacked(attack, model):
                     x_adv = out.adversarial
@@ -272,6 +275,7 @@ class AuditSession:
                         clean_ok = clean_logits.argmax(1) == yb
                         adv_ok = model(x_adv).argmax(1) == yb
                     correct += int(adv_ok.sum())
+                    still_correct.append(adv_ok)
                     clean_correct += int(clean_ok.sum())
                     success = clean_ok & ~adv_ok
                     flipped += int(success.sum())
@@ -280,6 +284,7 @@ class AuditSession:
                     linf.append(diff.abs().amax(1).cpu())
                     l2.append(diff.norm(dim=1).cpu())
             spec = self.spec.attack(attack_id)
+            self._attack_correct[attack_id] = torch.cat(still_correct)
             self._attacks[attack_id] = AttackResult(
                 id=attack_id,
                 kind=spec.kind,
@@ -307,12 +312,46 @@ class AuditSession:
         t0 = time.perf_counter()
         p = self.prepared
         spec = None if attack_id is None else self.spec.attack(attack_id)
+        curve = self._curve_points(attack_id) if name == "eps_not_monotone" else []
+        for point in curve:  # the attack table's outcomes: no attack runs twice
+            self.attack_result(point.id)
+            self._sanity.remember(point, self._attack_correct[point.id])
         with frozen_parameters(p.loaded.module):
-            reading = self._sanity.measure(name, spec, limit)
+            reading = self._sanity.measure(name, spec, limit, curve)
         verify_unchanged(p.loaded.module, p.digest, f"indicator {name}")
         key = f"indicator {name}" + (f" {attack_id}" if attack_id else "")
         self.timings[key] = time.perf_counter() - t0
         return reading
+
+    # ----------------------------------------------------------------- ε curves
+    def _curve_points(self, attack_id: str | None) -> list[AttackSpec]:
+        """The attack at every listed ε, ascending, when ``attack_id`` is the sweep point of
+        an entry that lists several; else none."""
+        curve = None if attack_id is None else self.spec.curve_of(attack_id)
+        return [] if curve is None else sorted(curve.points(), key=lambda p: p.budget)
+
+    def eps_curves(self) -> list[EpsCurve] | None:
+        """Accuracy against ε (σ for noise) of each entry that lists several, each point the
+        attack table's own measurement; None when no entry lists several."""
+        if not self.spec.curves:
+            return None
+        return [self._eps_curve(curve) for curve in self.spec.curves]
+
+    def _eps_curve(self, curve: CurveSpec) -> EpsCurve:
+        points = sorted(curve.points(), key=lambda p: p.budget)
+        results = [self.with_interval(self.attack_result(p.id)) for p in points]
+        intervals = [r.accuracy_ci for r in results if r.accuracy_ci is not None]
+        return EpsCurve(
+            label=curve.curve_label,
+            kind=curve.kind,
+            parameter=curve.budget_key,
+            norm=getattr(curve, "norm", "") or ("linf" if isinstance(curve, FGSMSpec) else ""),
+            values=[p.budget for p in points],
+            attacks=[p.id for p in points],
+            accuracy=[r.accuracy for r in results],
+            sweep_attack=curve.at(curve.budget).id,
+            accuracy_ci=intervals if len(intervals) == len(results) else None,
+        )
 
     # ----------------------------------------------------------------- remediation
     def remediation(self) -> dict[str, Any] | None:
@@ -669,7 +708,7 @@ class AuditSession:
     def model_result(self, checks: list[CheckResult]) -> ModelResult:
         """Everything the spec asks for, computing what no item has computed yet."""
         spec = self.spec
-        attacks = [self.attack_result(a.id) for a in spec.attack_specs]
+        attacks = [self.attack_result(a.id) for a in spec.attack_points]
         sweeps = [
             s
             for f in spec.filtering.filters
@@ -698,6 +737,7 @@ class AuditSession:
             adversarial_source=spec.filtering.adversarial_source,
             clean_accuracy_ci=self.clean_accuracy_interval(),
             statistics=None if stats is None else stats.model_dump(mode="json"),
+            eps_curves=self.eps_curves(),
         )
 
     def meta(self, seconds: float) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 from .attack_sanity import Indicator, applicable, iterative
 from .errors import AuditError, UnsupportedError
 from .results import (
+    EXAMPLES_KEPT,
     RESPONSES,
     AttackResult,
     AuditResult,
@@ -30,7 +31,7 @@ from .results import (
     SweepResult,
 )
 from .scores import Members, fragile_fraction, held_tensors
-from .spec import AuditSpec
+from .spec import AttackSpec, AuditSpec
 from .statistics import (
     Direction,
     Sampling,
@@ -103,9 +104,10 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
             )
             planned.append(PlannedCheck(key, key, None, None, limit, line, spec.name))
     for key in ATTACK_CHECKS:
-        limit = _limit(spec, key)
-        if limit is not None:
-            for attack in attacks:
+        # One item per attack and per ε of an attack that lists several (an ε curve).
+        for attack in spec.attack_points:
+            limit = spec.checks.min_adversarial_limit(attack)
+            if limit is not None:
                 planned.append(
                     PlannedCheck(
                         f"{attack.id}-{key}",
@@ -113,7 +115,7 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                         None,
                         attack.id,
                         limit,
-                        spec.line_of("checks", key),
+                        _per_eps_line(spec, key, attack),
                         attack.label,
                     )
                 )
@@ -160,6 +162,17 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
                     )
                 )
     return planned
+
+
+def _per_eps_line(spec: AuditSpec, key: str, attack: AttackSpec) -> int | None:
+    """The spec line of an attack's limit: the ``{eps, value}`` item when given per ε."""
+    limits = getattr(spec.checks, key)
+    if isinstance(limits, list):
+        eps = getattr(attack, "eps", None)
+        index = next((i for i, p in enumerate(limits) if p.eps == eps), None)
+        if index is not None:
+            return spec.line_of("checks", key, index)
+    return spec.line_of("checks", key)
 
 
 # Attack-failure indicators (attack_sanity.py): the most each may measure and still pass.
@@ -367,7 +380,9 @@ def _attack_sanity(planned: PlannedCheck, m: Measurements) -> CheckResult:
     """An attack-failure indicator: its detail names the measurement, the examples it
     concerns and, when it fails, what to do."""
     reading = m.attack_indicator(planned.check, planned.attack, planned.limit)
-    return _result(planned, reading.measured, reading.passed, reading.detail)
+    result = _result(planned, reading.measured, reading.passed, reading.detail)
+    examples = list(reading.examples)
+    return replace(result, examples=examples[:EXAMPLES_KEPT], examples_count=len(examples))
 
 
 def _regression(planned: PlannedCheck, m: Measurements) -> CheckResult:

@@ -205,6 +205,32 @@ class CheckResult:
     # e.g. the Lipschitz bound) and whether the decision holds across the whole interval.
     ci: list[float] | None = None
     certain: bool | None = None
+    # Attack-failure indicators only: the examples the reading concerns (data indices, the
+    # first EXAMPLES_KEPT of them) and how many there are.
+    examples: list[int] | None = None
+    examples_count: int | None = None
+
+
+EXAMPLES_KEPT = 100  # example indices an indicator keeps in results.json
+
+
+@dataclass(frozen=True)
+class EpsCurve:
+    """Accuracy against ε (σ for noise) of one attack that lists several values.
+
+    ``attacks`` are the ids of the single-ε attacks (each also in ``ModelResult.attacks``),
+    in the order of ``values`` (ascending); ``sweep_attack`` is the one filtering sweeps use.
+    """
+
+    label: str  # the attack without its budget, e.g. "pgd-linf(steps=10)"
+    kind: str
+    parameter: str  # "eps" or "sigma"
+    norm: str  # "linf", "l2", or "" for noise
+    values: list[float]
+    attacks: list[str]
+    accuracy: list[float]
+    sweep_attack: str
+    accuracy_ci: list[list[float]] | None = None  # Wilson intervals, with ``statistics:``
 
 
 @dataclass(frozen=True)
@@ -227,6 +253,7 @@ class ModelResult:
     adversarial_source: str = "filtered"
     clean_accuracy_ci: list[float] | None = None  # Wilson interval, with ``statistics:`` only
     statistics: dict[str, Any] | None = None  # confidence, resamples, decide, when asked for
+    eps_curves: list[EpsCurve] | None = None  # attacks listing several ε, when there are any
 
 
 @dataclass(frozen=True)
@@ -254,7 +281,16 @@ def _finite(value: Any) -> Any:
 
 # Optional fields of the statistics: written only when set, so a spec without ``statistics``
 # writes exactly the results.json it always did.
-_OPTIONAL = ("statistics", "ci", "certain", "accuracy_ci", "clean_accuracy_ci")
+_OPTIONAL = (
+    "statistics",
+    "ci",
+    "certain",
+    "accuracy_ci",
+    "clean_accuracy_ci",
+    "examples",
+    "examples_count",
+    "eps_curves",
+)
 
 
 def _without_unset(item: dict[str, Any]) -> dict[str, Any]:
@@ -317,6 +353,9 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                 adversarial_source=m.get("adversarial_source", "filtered"),
                 clean_accuracy_ci=m.get("clean_accuracy_ci"),
                 statistics=m.get("statistics"),
+                eps_curves=None
+                if m.get("eps_curves") is None
+                else [EpsCurve(**c) for c in m["eps_curves"]],
             )
         )
     return AuditResult(meta=data["meta"], models=models, consistency=data.get("consistency"))

@@ -7,11 +7,21 @@ Loading (YAML with line positions, error messages that name ``file:line: key``) 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    Tag,
+    model_validator,
+)
 
 FilterName = Literal["low_pass", "high_pass", "pulse"]
 ScopeName = Literal["local", "global"]
@@ -291,10 +301,120 @@ def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-class FGSMSpec(_Strict):
+def _budget_values(values: list[Any], key: str) -> tuple[float, ...]:
+    """A list of budgets (an ε curve) checked value by value: numbers > 0, none twice."""
+    if not values:
+        raise ValueError(
+            f"{key} is an empty list: give one number, or a list of numbers for a curve"
+        )
+    curve: list[float] = []
+    for index, value in enumerate(values):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"{key}[{index}] is {value!r}: every value of a list of {key} is a number > 0"
+            )
+        if float(value) in curve:
+            raise ValueError(f"{key} lists {value:g} twice: give each value once")
+        curve.append(float(value))
+    return tuple(curve)
+
+
+class _Budgeted(_Strict):
+    """An attack with a budget (ε, or σ for noise) that may be given as a list: a curve.
+
+    The model holds one value, the point that filtering sweeps and attack-failure indicators
+    use (``sweep_eps``/``sweep_sigma``, else the first listed); ``curve`` keeps every listed
+    value and ``points`` gives one single-budget attack per value. A spec with one value is
+    exactly the attack it always was (the sweep key is left out of dumps and cache keys).
+    """
+
+    budget_key: ClassVar[str] = "eps"
+    _curve: tuple[float, ...] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _budget_list(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        key = cls.budget_key
+        sweep_key = f"sweep_{key}"
+        values = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(values, list):
+            model = handler(data)
+            if getattr(model, sweep_key) is not None and model._curve is None:
+                raise ValueError(
+                    f"{sweep_key} picks the {key} that filtering sweeps use out of a list: "
+                    f"give {key} as a list, or leave {sweep_key} out"
+                )
+            return model
+        curve = _budget_values(values, key)
+        chosen = data.get(sweep_key)
+        model = handler({**data, key: curve[0] if chosen is None else chosen})
+        sweep = getattr(model, sweep_key)
+        if sweep is not None and sweep not in curve:
+            raise ValueError(
+                f"{sweep_key} {sweep:g} is not one of the listed {key} "
+                f"({', '.join(_fmt(v) for v in curve)}): pick one of them"
+            )
+        model._curve = curve
+        return model
+
+    @property
+    def id(self) -> str:
+        raise NotImplementedError  # every attack names itself
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def budget(self) -> float:
+        """This attack's ε (σ for noise)."""
+        return float(getattr(self, self.budget_key))
+
+    @property
+    def curve(self) -> tuple[float, ...] | None:
+        """Every listed value, in the spec's order, when the spec gave a list; else None."""
+        return self._curve
+
+    def points(self) -> list[Self]:
+        """One single-budget attack per listed value (just this one for a single value)."""
+        values = self._curve if self._curve is not None else (self.budget,)
+        return [self.at(value) for value in values]
+
+    def at(self, value: float) -> Self:
+        """This attack with budget ``value`` and no curve."""
+        point = self.model_copy(update={self.budget_key: value, f"sweep_{self.budget_key}": None})
+        point._curve = None
+        return point
+
+    @property
+    def curve_label(self) -> str:
+        """The label without the budget, naming the attack a curve draws."""
+        label = re.sub(rf"\b{self.budget_key}=[^,)]*(, )?", "", self.label)
+        return label.removesuffix("()")
+
+
+def _budget_field(key: str, what: str) -> Any:
+    return Field(
+        description=f"{what} in input units; a list of values draws an accuracy curve "
+        f"against {key} (each value is its own attack, with its own checks)"
+    )
+
+
+def _sweep_field(key: str) -> Any:
+    return Field(
+        default=None,
+        exclude=True,
+        description=f"with a list of {key}: the one that filtering sweeps and attack-failure "
+        f"indicators use (default: the first listed)",
+    )
+
+
+class FGSMSpec(_Budgeted):
     """Fast gradient sign method (Goodfellow et al., 2015)."""
 
-    eps: Annotated[float, Field(gt=0.0)]
+    eps: Annotated[float, Field(gt=0.0)] = _budget_field("eps", "the L∞ budget ε")
+    sweep_eps: Annotated[float, Field(gt=0.0)] | None = _sweep_field("eps")
 
     kind: ClassVar[str] = "fgsm"
 
@@ -307,10 +427,11 @@ class FGSMSpec(_Strict):
         return f"fgsm(eps={_fmt(self.eps)})"
 
 
-class PGDSpec(_Strict):
+class PGDSpec(_Budgeted):
     """Projected gradient descent (Madry et al., 2018), L∞ or L2."""
 
-    eps: Annotated[float, Field(gt=0.0)]
+    eps: Annotated[float, Field(gt=0.0)] = _budget_field("eps", "the budget ε in the norm")
+    sweep_eps: Annotated[float, Field(gt=0.0)] | None = _sweep_field("eps")
     steps: Annotated[int, Field(ge=1, le=10_000)] = Field(default=10, description="gradient steps")
     step_size: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None,
@@ -340,12 +461,14 @@ class PGDSpec(_Strict):
         return f"pgd-{self.norm}(eps={_fmt(self.eps)}, steps={self.steps})"
 
 
-class GaussianSpec(_Strict):
+class GaussianSpec(_Budgeted):
     """Additive Gaussian noise, clamped to the input range."""
 
-    sigma: Annotated[float, Field(gt=0.0)]
+    sigma: Annotated[float, Field(gt=0.0)] = _budget_field("sigma", "the noise's std σ")
+    sweep_sigma: Annotated[float, Field(gt=0.0)] | None = _sweep_field("sigma")
 
     kind: ClassVar[str] = "gaussian"
+    budget_key: ClassVar[str] = "sigma"
 
     @property
     def id(self) -> str:
@@ -382,10 +505,11 @@ class LBFGSSpec(_Strict):
 Norm = Literal["linf", "l2"]
 
 
-class APGDSpec(_Strict):
+class APGDSpec(_Budgeted):
     """Auto-PGD (Croce & Hein, 2020): step size, momentum and restarts set by the method."""
 
-    eps: Annotated[float, Field(gt=0.0)]
+    eps: Annotated[float, Field(gt=0.0)] = _budget_field("eps", "the budget ε in the norm")
+    sweep_eps: Annotated[float, Field(gt=0.0)] | None = _sweep_field("eps")
     norm: Norm = Field(default="linf", description="the threat model's norm: linf or l2")
     loss: Literal["ce", "dlr"] = Field(
         default="ce",
@@ -422,10 +546,11 @@ class APGDSpec(_Strict):
         return f"apgd-{self.norm}(eps={_fmt(self.eps)}, {what}, steps={self.steps})"
 
 
-class SquareSpec(_Strict):
+class SquareSpec(_Budgeted):
     """Square attack (Andriushchenko et al., 2020): score-based, gradient-free, L∞ or L2."""
 
-    eps: Annotated[float, Field(gt=0.0)]
+    eps: Annotated[float, Field(gt=0.0)] = _budget_field("eps", "the budget ε in the norm")
+    sweep_eps: Annotated[float, Field(gt=0.0)] | None = _sweep_field("eps")
     norm: Norm = Field(default="linf", description="the threat model's norm: linf or l2")
     queries: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         default=1000,
@@ -447,10 +572,11 @@ class SquareSpec(_Strict):
         return f"square-{self.norm}(eps={_fmt(self.eps)}, queries={self.queries})"
 
 
-class AutoAttackSpec(_Strict):
+class AutoAttackSpec(_Budgeted):
     """AutoAttack (Croce & Hein, 2020): an ensemble, the worst case per example."""
 
-    eps: Annotated[float, Field(gt=0.0)]
+    eps: Annotated[float, Field(gt=0.0)] = _budget_field("eps", "the budget ε in the norm")
+    sweep_eps: Annotated[float, Field(gt=0.0)] | None = _sweep_field("eps")
     norm: Norm = Field(default="linf", description="the threat model's norm: linf or l2")
     version: Literal["standard", "fast"] = Field(
         default="standard",
@@ -470,6 +596,7 @@ class AutoAttackSpec(_Strict):
 
 
 AttackSpec = FGSMSpec | PGDSpec | GaussianSpec | LBFGSSpec | APGDSpec | SquareSpec | AutoAttackSpec
+CurveSpec = FGSMSpec | PGDSpec | GaussianSpec | APGDSpec | SquareSpec | AutoAttackSpec
 GRADIENT_ATTACKS = (FGSMSpec, PGDSpec, LBFGSSpec, APGDSpec, AutoAttackSpec)
 
 
@@ -532,6 +659,29 @@ class FragileFractionCheck(_Strict):
     )
 
 
+class AccuracyAtEps(_Strict):
+    """One point of ``min_adversarial_accuracy`` given per ε: the limit of every attack at
+    that ε."""
+
+    eps: Annotated[float, Field(gt=0.0)] = Field(
+        description="an ε that some attack lists (each attack with this ε gets this limit)"
+    )
+    value: Fraction = Field(description="the least adversarial accuracy allowed at this ε")
+
+
+def _limit_shape(value: Any) -> str:
+    return "per_eps" if isinstance(value, list) else "one"
+
+
+# One fraction for every attack, or a list of {eps, value}; the discriminator keeps a wrong
+# list's errors to the list (never "expected a number" as well).
+PerEpsLimit = Annotated[
+    Annotated[Fraction, Tag("one")]
+    | Annotated[Annotated[list[AccuracyAtEps], Field(min_length=1)], Tag("per_eps")],
+    Discriminator(_limit_shape),
+]
+
+
 class ChecksSpec(_Strict):
     """Thresholds the audit asserts; each absent key is simply not checked."""
 
@@ -539,7 +689,11 @@ class ChecksSpec(_Strict):
         default=None,
         description="the least clean accuracy allowed on the test set",
     )
-    min_adversarial_accuracy: Fraction | None = None
+    min_adversarial_accuracy: PerEpsLimit | None = Field(
+        default=None,
+        description="the least accuracy under each attack: one fraction for every attack "
+        "(and every eps of a list), or a list of {eps, value} giving the limit per eps",
+    )
     max_fragile_fraction: FragileFractionCheck | None = Field(
         default=None,
         description="per filter and attack: the largest fragile-parameter fraction, {value, on} "
@@ -575,10 +729,39 @@ class ChecksSpec(_Strict):
     def _bare_fraction(cls, data: Any) -> Any:
         """``max_fragile_fraction: 0.4`` is shorthand for ``{value: 0.4, on: adversarial}``."""
         if isinstance(data, dict):
+            per_eps = data.get("min_adversarial_accuracy")
+            if isinstance(per_eps, dict):
+                raise ValueError(
+                    "checks.min_adversarial_accuracy is one fraction, or a list of "
+                    "{eps, value} such as [{eps: 0.03, value: 0.6}, {eps: 0.1, value: 0.3}]"
+                )
             value = data.get("max_fragile_fraction")
             if isinstance(value, int | float) and not isinstance(value, bool):
                 data = {**data, "max_fragile_fraction": {"value": value}}
         return data
+
+    @model_validator(mode="after")
+    def _eps_once(self) -> ChecksSpec:
+        limits = self.min_adversarial_accuracy
+        if isinstance(limits, list):
+            listed = [point.eps for point in limits]
+            twice = sorted({eps for eps in listed if listed.count(eps) > 1})
+            if twice:
+                raise ValueError(
+                    f"min_adversarial_accuracy gives eps {', '.join(_fmt(e) for e in twice)} "
+                    "more than once: keep one limit per eps"
+                )
+        return self
+
+    def min_adversarial_limit(self, attack: AttackSpec) -> float | None:
+        """``min_adversarial_accuracy`` for one attack (one ε): the fraction, or the limit
+        listed at the attack's ε; None when that ε has no limit."""
+        limits = self.min_adversarial_accuracy
+        if not isinstance(limits, list):
+            return limits
+        if not isinstance(attack, _Budgeted) or attack.budget_key != "eps":
+            return None
+        return next((p.value for p in limits if p.eps == attack.budget), None)
 
 
 # --------------------------------------------------------------------------- remediation, report
@@ -702,9 +885,10 @@ class AuditSpec(_Strict):
             raise ValueError(
                 f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N, xla, mps"
             )
-        ids = [attack.id for attack in self.attack_specs]
+        ids = [attack.id for attack in self.attack_points]
         if len(set(ids)) != len(ids):
             raise ValueError(f"attacks lists the same attack twice: {ids}")
+        self._per_eps_limits_used()
         if not self.attacks:
             raise ValueError(
                 "attacks is empty: leave the key out for the default FGSM, or list one"
@@ -762,13 +946,61 @@ class AuditSpec(_Strict):
             path = path[:-1]
         return self._positions.get((), None)
 
+    def _per_eps_limits_used(self) -> None:
+        """Every ε that ``min_adversarial_accuracy`` lists is the ε of some attack."""
+        limits = self.checks.min_adversarial_accuracy
+        if not isinstance(limits, list):
+            return
+        used = sorted(
+            {a.budget for a in self.attack_points if isinstance(a, _Budgeted)}
+            - {a.budget for a in self.attack_points if isinstance(a, GaussianSpec)}
+        )
+        unused = [p.eps for p in limits if p.eps not in used]
+        if unused:
+            raise ValueError(
+                f"checks.min_adversarial_accuracy gives a limit at eps "
+                f"{', '.join(_fmt(e) for e in unused)}, which no attack uses (the attacks' "
+                f"eps: {', '.join(_fmt(e) for e in used) or 'none'}); list eps that an "
+                "attack uses, or add them to an attack's eps"
+            )
+
     @property
     def attack_specs(self) -> list[AttackSpec]:
-        """The attacks in spec order (FGSM with ε = 8/255 when the spec lists none)."""
-        return [item.spec for item in self.attacks]
+        """One attack per entry, in spec order (FGSM with ε = 8/255 when the spec lists none);
+        for an entry with a list of ε, the ε that filtering sweeps and indicators use."""
+        return [
+            item.spec.at(item.spec.budget) if isinstance(item.spec, _Budgeted) else item.spec
+            for item in self.attacks
+        ]
+
+    @property
+    def attack_points(self) -> list[AttackSpec]:
+        """Every attack the audit measures on the unfiltered network: one per listed ε, entry
+        by entry (the same as ``attack_specs`` when no entry lists several ε)."""
+        return [
+            point
+            for item in self.attacks
+            for point in (item.spec.points() if isinstance(item.spec, _Budgeted) else [item.spec])
+        ]
+
+    @property
+    def curves(self) -> list[CurveSpec]:
+        """The entries that list several budgets: each draws an accuracy curve."""
+        return [
+            item.spec
+            for item in self.attacks
+            if isinstance(item.spec, _Budgeted) and item.spec.curve is not None
+        ]
+
+    def curve_of(self, attack_id: str) -> CurveSpec | None:
+        """The curve whose sweep point is ``attack_id`` (None for a single-budget attack)."""
+        return next(
+            (c for c in self.curves if c.at(c.budget).id == attack_id),
+            None,
+        )
 
     def attack(self, attack_id: str) -> AttackSpec:
-        for attack in self.attack_specs:
+        for attack in self.attack_points:
             if attack.id == attack_id:
                 return attack
         raise KeyError(attack_id)
