@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, xla, mps")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    schema = sub.add_parser(
+        "schema",
+        help="print the spec's JSON Schema (editors complete and check keys with it)",
+    )
+    schema.add_argument(
+        "--out", type=Path, default=None, help="write it to this file instead of printing it"
+    )
     merge = sub.add_parser("merge", help="one report from several runs' results.json")
     merge.add_argument("results", type=Path, nargs="+")
     merge.add_argument("--out", type=Path, required=True)
@@ -308,12 +315,51 @@ def _init(args: argparse.Namespace) -> int:
     for line in inspection.report:
         print(line)
     print(f"wrote {args.path}")
+    _write_schema_next_to(args.path)
     if inspection.todo:
         print("still to edit:")
         for item in inspection.todo:
             print(f"  - {item}")
     print(f"then: inferlink-audit run {args.path}")
     return EXIT_PASS
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from .fileio import atomic_write_text
+    from .schema import spec_schema_text
+
+    text = spec_schema_text()
+    if args.out is None:
+        sys.stdout.write(text)
+        return EXIT_PASS
+    try:
+        atomic_write_text(args.out, text)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {args.out} ({exc.strerror or exc}); choose another path."
+        ) from exc
+    print(f"wrote {args.out}")
+    return EXIT_PASS
+
+
+def _write_schema_next_to(spec_path: Path) -> None:
+    """The JSON Schema that the spec's first line points editors to, in the spec's folder
+    (rewritten only when this version's schema differs from the file there)."""
+    from .fileio import atomic_write_text
+    from .schema import SCHEMA_FILENAME, spec_schema_text
+
+    path = spec_path.parent / SCHEMA_FILENAME
+    text = spec_schema_text()
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise OutputError(
+            f"wrote {spec_path} but not {path}, the schema its first line points editors to "
+            f"({exc.strerror or exc}); run 'inferlink-audit schema --out {path}' to write it."
+        ) from exc
+    print(f"wrote {path} (the schema the spec's first line points editors to)")
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -383,7 +429,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "init": _init, "merge": _merge}[args.command]
+    handler = {"run": _run, "init": _init, "merge": _merge, "schema": _schema}[args.command]
     try:
         with _sigterm_as_interrupt():
             return handler(args)

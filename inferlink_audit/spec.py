@@ -837,6 +837,7 @@ class AuditSpec(_Strict):
         default="auto",
         description="auto, cpu, cuda, cuda:N, xla, xla:N or mps (auto: CUDA when available, else "
         "the CPU)",
+        json_schema_extra={"pattern": _DEVICE_RE.pattern},  # editors check it; the model too
     )
     seed: Annotated[int, Field(ge=0)] = Field(
         default=0,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .errors import AuditError
+from .schema import SCHEMA_FILENAME, editor_line
 from .spec import DEFAULT_FGSM_EPS
 
 if TYPE_CHECKING:
@@ -170,8 +171,10 @@ def render_spec(options: StarterOptions, layers: LayerChoice | None = None) -> s
     eps = DEFAULT_FGSM_EPS * (hi - lo)
     data = options.data or {"source": "sklearn_digits", "split": "test"}
     lines = [
-        "# inferlink-audit spec (written by inferlink-audit init): README.md lists every key.",
-        "version: 1",
+        # Editors that speak the YAML language server complete and check keys with the schema
+        # init writes next to the spec (a relative path: it works offline and moves with it).
+        editor_line(f"./{SCHEMA_FILENAME}"),
+        "version: 1                    # inferlink-audit spec (init): README.md lists every key",
         f"name: {scalar(options.name)}",
         "model:",
         f"  factory: {scalar(options.factory or PLACEHOLDER_FACTORY)}",
