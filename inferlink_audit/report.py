@@ -12,8 +12,8 @@ install, from the repository's ``templates/`` folder. Everything is autoescaped:
 markup inserted unescaped is the SVG that :mod:`inferlink_audit.plots` generated.
 
 Section ids are stable so links into a report keep working: ``summary``, then per model
-``checks``, ``labels``, ``targeted``, ``curves``, ``attacks``, ``lipschitz``,
-``remediation`` (suffixed ``-2``, ``-3``, … for the second and later models of a
+``checks``, ``labels``, ``targeted``, ``curves``, ``attacks``, ``eps-curves``, ``sanity``,
+``lipschitz``, ``remediation`` (suffixed ``-2``, ``-3``, … for the second and later models of a
 ``compare:`` run), then ``consistency`` (when present), ``metadata`` and ``footer``.
 """
 
@@ -34,6 +34,7 @@ from markupsafe import Markup
 
 from . import __version__
 from .fileio import atomic_write_text
+from .indicators import GUIDE
 from .results import RESPONSES, AuditResult, CheckResult, ModelResult, SweepResult
 from .summary import INERT_EXPLANATION, inert_sweeps
 
@@ -242,6 +243,8 @@ class _ModelView:
     sections: list[tuple[str, str]]
     inert: list[str] = field(default_factory=list)  # sweeps whose filter did not act somewhere
     inert_note: str = INERT_EXPLANATION
+    eps_curves: dict[str, Any] | None = None  # accuracy against ε (_eps_view)
+    sanity: list[dict[str, Any]] = field(default_factory=list)  # indicators (_sanity_view)
 
 
 def _layer_order(model: ModelResult) -> list[str]:
@@ -465,6 +468,8 @@ _SECTIONS = (
     ("targeted", "Targeted layers"),
     ("curves", "Response curves"),
     ("attacks", "Attacks"),
+    ("eps-curves", "ε curves"),
+    ("sanity", "Attack-failure indicators"),
     ("lipschitz", "Lipschitz"),
     ("remediation", "Remediation"),
 )
@@ -524,7 +529,84 @@ def _model_view(model: ModelResult, index: int, plotter: CurvePlotter) -> _Model
         definitions=_definitions(model),
         sections=[(f"{sid}{suffix}", title) for sid, title in _SECTIONS],
         inert=inert_sweeps(model.sweeps),
+        eps_curves=_eps_view(model, index),
+        sanity=_sanity_view(model),
     )
+
+
+def _eps_view(model: ModelResult, index: int) -> dict[str, Any] | None:
+    """Accuracy against ε: the plot, and per attack its points with their intervals."""
+    if not model.eps_curves:
+        return None
+    from .eps_plots import eps_curves_svg  # matplotlib: only to draw a report
+
+    rows = []
+    for curve in model.eps_curves:
+        cis = curve.accuracy_ci or [None] * len(curve.values)
+        points = [
+            f"{fmt_num(value)}: {fmt_pct(acc)}"
+            + ("" if ci is None else f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]")
+            for value, acc, ci in zip(curve.values, curve.accuracy, cis, strict=True)
+        ]
+        sweep = curve.values[curve.attacks.index(curve.sweep_attack)]
+        rows.append(
+            {
+                "label": curve.label,
+                "parameter": "σ" if curve.parameter == "sigma" else "ε",
+                "points": points,
+                "sweep": f"{fmt_num(sweep)} ({curve.sweep_attack})",
+            }
+        )
+    svg = eps_curves_svg(model.eps_curves, model.clean_accuracy, id_prefix=f"svg-eps-m{index + 1}")
+    return {"svg": Markup(svg), "rows": rows}  # our own plot; matplotlib escaped all text
+
+
+def _indicator_value(name: str, value: float) -> str:
+    """Shares as percentages, accuracy differences as signed points."""
+    if name in ("iterative_weaker", "eps_not_monotone", "black_box_stronger"):
+        return f"{100.0 * value:+.1f} pts"
+    return fmt_pct(value)
+
+
+def _sanity_view(model: ModelResult) -> list[dict[str, Any]]:
+    """The attack-failure indicators, grouped by indicator in a fixed order: what each
+    measures and what to do when it fires, then its reading per attack (fired first)."""
+    groups = []
+    for name, guide in GUIDE.items():
+        readings = sorted(
+            (c for c in model.checks if c.check == name), key=lambda c: (c.passed, c.id)
+        )
+        if not readings:
+            continue
+        rows = []
+        for check in readings:
+            shown = ", ".join(str(i) for i in (check.examples or [])[:20])
+            count = check.examples_count or 0
+            more = f", … {count - 20} more" if count > 20 else ""
+            rows.append(
+                {
+                    "attack": check.id.removesuffix(f"-{name}") if check.id != name else "model",
+                    "passed": check.passed,
+                    "measured": _indicator_value(name, check.measured),
+                    "limit": "≤ " + _indicator_value(name, check.limit).removeprefix("+"),
+                    "count": count,
+                    "examples": shown + more,
+                    "detail": check.detail,
+                }
+            )
+        fired = sum(not row["passed"] for row in rows)
+        groups.append(
+            {
+                "name": name,
+                "title": guide.title,
+                "measures": guide.measures,
+                "concerns": guide.concerns,
+                "action": guide.action[:1].upper() + guide.action[1:],
+                "fired": fired,
+                "rows": rows,
+            }
+        )
+    return groups
 
 
 def _remediation_view(data: dict[str, Any] | None) -> dict[str, Any] | None:
