@@ -59,6 +59,7 @@ class Indicator:
     limit: float
     detail: str
     examples: tuple[int, ...]  # data indices of the examples concerned
+    count: int | None = None  # how many they are, when ``examples`` lists only the first
 
     @property
     def passed(self) -> bool:

@@ -312,7 +312,7 @@ class AuditSession:
         t0 = time.perf_counter()
         p = self.prepared
         spec = None if attack_id is None else self.spec.attack(attack_id)
-        curve = self._curve_points(attack_id) if name == "eps_not_monotone" else []
+        curve = self.curve_points(attack_id) if name == "eps_not_monotone" else []
         for point in curve:  # the attack table's outcomes: no attack runs twice
             self.attack_result(point.id)
             self._sanity.remember(point, self._attack_correct[point.id])
@@ -324,7 +324,7 @@ class AuditSession:
         return reading
 
     # ----------------------------------------------------------------- ε curves
-    def _curve_points(self, attack_id: str | None) -> list[AttackSpec]:
+    def curve_points(self, attack_id: str | None) -> list[AttackSpec]:
         """The attack at every listed ε, ascending, when ``attack_id`` is the sweep point of
         an entry that lists several; else none."""
         curve = None if attack_id is None else self.spec.curve_of(attack_id)
@@ -336,6 +336,12 @@ class AuditSession:
         if not self.spec.curves:
             return None
         return [self._eps_curve(curve) for curve in self.spec.curves]
+
+    def computed_eps_curves(self) -> list[EpsCurve] | None:
+        """The ε curves whose every point is measured already (no new work: the plugin
+        reports what its items computed)."""
+        done = [c for c in self.spec.curves if all(p.id in self._attacks for p in c.points())]
+        return [self._eps_curve(c) for c in done] or None
 
     def _eps_curve(self, curve: CurveSpec) -> EpsCurve:
         points = sorted(curve.points(), key=lambda p: p.budget)

@@ -382,7 +382,8 @@ def _attack_sanity(planned: PlannedCheck, m: Measurements) -> CheckResult:
     reading = m.attack_indicator(planned.check, planned.attack, planned.limit)
     result = _result(planned, reading.measured, reading.passed, reading.detail)
     examples = list(reading.examples)
-    return replace(result, examples=examples[:EXAMPLES_KEPT], examples_count=len(examples))
+    count = len(examples) if reading.count is None else reading.count
+    return replace(result, examples=examples[:EXAMPLES_KEPT], examples_count=count)
 
 
 def _regression(planned: PlannedCheck, m: Measurements) -> CheckResult:

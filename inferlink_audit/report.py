@@ -542,7 +542,9 @@ def _eps_view(model: ModelResult, index: int) -> dict[str, Any] | None:
 
     rows = []
     for curve in model.eps_curves:
-        cis = curve.accuracy_ci or [None] * len(curve.values)
+        cis: list[list[float] | None] = [None] * len(curve.values)
+        if curve.accuracy_ci is not None:
+            cis = list(curve.accuracy_ci)
         points = [
             f"{fmt_num(value)}: {fmt_pct(acc)}"
             + ("" if ci is None else f" [{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]")

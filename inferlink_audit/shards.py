@@ -229,7 +229,7 @@ def _shard_model(
         checkpoint_sha256=p.loaded.checkpoint_sha256,
         n_examples=p.data.n,
         clean_accuracy=session.clean_accuracy(),
-        attacks=[session.attack_result(a.id) for a in spec.attack_specs] if first else [],
+        attacks=[session.attack_result(a.id) for a in spec.attack_points] if first else [],
         sweeps=[s for f, a in keys for s in session.sweeps(f, a)],
         lipschitz=session.lipschitz if first else None,
         remediation=None,
@@ -239,6 +239,7 @@ def _shard_model(
         tolerance=spec.filtering.tolerance,
         values=spec.filtering.values,
         adversarial_source=spec.filtering.adversarial_source,
+        eps_curves=session.eps_curves() if first else None,
     )
 
 
@@ -354,7 +355,10 @@ class _Merged:
     def attack_indicator(self, name: str, attack_id: str | None, limit: float) -> Indicator:
         # Shard 1 measured the indicator on the model itself; its record is the measurement.
         record = self.recorded[name if attack_id is None else f"{attack_id}-{name}"]
-        return Indicator(name, attack_id, record.measured, limit, record.detail, ())
+        examples = tuple(record.examples or ())
+        return Indicator(
+            name, attack_id, record.measured, limit, record.detail, examples, record.examples_count
+        )
 
 
 def merge_shards(runs: Sequence[tuple[Path, AuditResult]]) -> AuditResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .indicators import GUIDE
 from .results import AuditResult, ModelResult, SweepResult
 
 _SHORT = {"fragile": "F", "robust": "r", "antifragile": "A"}
@@ -87,6 +88,13 @@ def text_summary(result: AuditResult) -> str:
         if model.statistics is not None:
             counts += f", {len(uncertain)} uncertain at {model.statistics['confidence']:.0%}"
         out.append(f"   checks: {counts}")
+        indicators = [c for c in model.checks if c.check in GUIDE]
+        if indicators:
+            fired = [c.id for c in indicators if not c.passed]
+            out.append(
+                f"   attack-failure indicators: {len(indicators) - len(fired)} quiet, "
+                f"{len(fired)} fired" + (f" ({', '.join(fired)})" if fired else "")
+            )
         for check in failed:
             out.append(f"   FAIL {check.id}: {check.detail}")
         for check in uncertain:

@@ -216,6 +216,11 @@ def build_payload(
         # attack table needs it even where no check asserts on it.
         with contextlib.suppress(AuditError):
             attacks.append(asdict(session.with_interval(session.attack_result(planned.attack))))
+            # An attack that lists several ε: every point, for the report's ε curve.
+            for point in session.curve_points(planned.attack):
+                if point.id != planned.attack:
+                    measured = session.attack_result(point.id)
+                    attacks.append(asdict(session.with_interval(measured)))
         if planned.filter is not None:
             sweeps = [sweep_to_dict(s) for s in session.sweeps(planned.filter, planned.attack)]
     if error is None and planned.check in (REMEDIATION_ONLY, "min_adversarial_gain"):
@@ -226,6 +231,9 @@ def build_payload(
             for a in spec.attack_specs
             for s in session.sweeps(f, a.id)
         ]
+    if model is not None:  # after the attacks above: the ε curves they completed
+        curves = session.computed_eps_curves()
+        model["eps_curves"] = None if curves is None else [asdict(c) for c in curves]
     if not is_check(planned):
         check = None
     elif result is not None:
@@ -245,7 +253,7 @@ def build_payload(
         "plan_index": plan_index,
         "check_id": planned.id,
         "filters": list(spec.filtering.filters),
-        "attack_order": [attack.id for attack in spec.attack_specs],
+        "attack_order": [attack.id for attack in spec.attack_points],
         "model": model,
         "attacks": attacks,
         "sweeps": sweeps,
@@ -349,6 +357,7 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
         "lipschitz": next((i["lipschitz"] for i in infos if i["lipschitz"] is not None), None),
         "remediation": next((i["remediation"] for i in infos if i.get("remediation")), None),
         "checks": [p["check"] for p in items if p["check"] is not None],
+        "eps_curves": next((i["eps_curves"] for i in infos if i.get("eps_curves")), None),
     }
 
 
