@@ -55,6 +55,7 @@ from .results import (
     ModelResult,
     SweepOutcomes,
     SweepResult,
+    UnitSemanticsResult,
     read_results,
 )
 from .scores import Members, scope_members, score_curves
@@ -79,6 +80,7 @@ from .sweep import (
     sweep_scope,
     verify_unchanged,
 )
+from .units import LAYER_KEY, find_layer, unit_semantics
 
 
 class SweepCache(Protocol):
@@ -127,6 +129,7 @@ class AuditSession:
         self._clean: float | None = None
         self._evaluators: dict[str, tuple[Evaluator, tuple[float, float]]] = {}
         self._remediation: dict[str, Any] | None = None
+        self._units: UnitSemanticsResult | None = None
         self._transfer: list[dict[str, Any]] | None = None
         self._peers: list[AuditSession] | None = None
         self._orderings: dict[str | None, SortedScope] = {}  # by layer; None is the global scope
@@ -154,6 +157,7 @@ class AuditSession:
         loaded = self._model(dataset)
         data, batch_note = self._on_device(loaded, dataset, device)
         layers = self._layers(loaded)
+        self._check_analysis(loaded)
         self.timings["prepare"] = time.perf_counter() - t0
         return _Prepared(
             loaded, device, data, layers, settings, state_digest(loaded.module), batch_note
@@ -225,6 +229,13 @@ class AuditSession:
     def _layers(self, loaded: LoadedModel) -> list[AnalysedLayer]:
         with located_errors(self.spec, ("filtering", "layers")):
             return select_layers(loaded.inner, self.spec.filtering.layers)
+
+    def _check_analysis(self, loaded: LoadedModel) -> None:
+        """An ``analysis.units.layer`` the model does not have fails before any work runs."""
+        units = self.spec.analysis.units
+        if units is not None:
+            with located_errors(self.spec, LAYER_KEY):
+                find_layer(loaded.inner, units.layer)
 
     @cached_property
     def splitter(self) -> NetworkSplitter:
@@ -358,6 +369,37 @@ class AuditSession:
             sweep_attack=curve.at(curve.budget).id,
             accuracy_ci=intervals if len(intervals) == len(results) else None,
         )
+
+    # ----------------------------------------------------------------- unit semantics
+    def unit_semantics(self) -> UnitSemanticsResult | None:
+        """``analysis.units`` (Szegedy et al. §3; units.py) when the spec asks, computed once."""
+        units = self.spec.analysis.units
+        if units is None:
+            return None
+        if self._units is None:
+            t0 = time.perf_counter()
+            p = self.prepared
+            with located_errors(self.spec, LAYER_KEY), frozen_parameters(p.loaded.module):
+                self._units = unit_semantics(
+                    p.loaded.module,
+                    p.loaded.inner,
+                    units.layer,
+                    p.data.x,
+                    p.data.y,
+                    batch_size=p.data.batch_size,
+                    units=units.units,
+                    directions=units.directions,
+                    k=units.k,
+                    seed=self.spec.seed,
+                    input_range=self.spec.data.input_range,
+                )
+            verify_unchanged(p.loaded.module, p.digest, "unit semantics")
+            self.timings["unit semantics"] = time.perf_counter() - t0
+        return self._units
+
+    @property
+    def computed_units(self) -> UnitSemanticsResult | None:
+        return self._units
 
     # ----------------------------------------------------------------- remediation
     def remediation(self) -> dict[str, Any] | None:
@@ -744,6 +786,7 @@ class AuditSession:
             clean_accuracy_ci=self.clean_accuracy_interval(),
             statistics=None if stats is None else stats.model_dump(mode="json"),
             eps_curves=self.eps_curves(),
+            units=self.unit_semantics(),
         )
 
     def meta(self, seconds: float) -> dict[str, Any]:

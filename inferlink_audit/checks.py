@@ -29,6 +29,7 @@ from .results import (
     LipschitzResult,
     ModelResult,
     SweepResult,
+    UnitSemanticsResult,
 )
 from .scores import Members, fragile_fraction, held_tensors
 from .spec import AttackSpec, AuditSpec
@@ -54,7 +55,9 @@ SWEEP_CHECKS = (
 SWEEP_ONLY = "sweep"  # the item that passes once its sweep is computed (a spec with no checks)
 REMEDIATION_ONLY = "remediation"  # runs selective retraining when no gain is asserted
 TRANSFER_ONLY = "transfer"  # measures transferability across the compared models
-MEASUREMENTS = (SWEEP_ONLY, REMEDIATION_ONLY, TRANSFER_ONLY)  # items that assert nothing
+UNITS_ONLY = "unit_semantics"  # analysis.units: reported, never asserted (units.py)
+# Items that assert nothing: each passes once what it measures is computed.
+MEASUREMENTS = (SWEEP_ONLY, REMEDIATION_ONLY, TRANSFER_ONLY, UNITS_ONLY)
 
 
 def is_check(planned: PlannedCheck) -> bool:
@@ -128,6 +131,9 @@ def plan_checks(spec: AuditSpec) -> list[PlannedCheck]:
     if spec.compare:
         line = spec.line_of("compare")
         planned.append(PlannedCheck(TRANSFER_ONLY, TRANSFER_ONLY, None, None, 0.0, line, spec.name))
+    if spec.analysis.units is not None:
+        line = spec.line_of("analysis", "units")
+        planned.append(PlannedCheck(UNITS_ONLY, UNITS_ONLY, None, None, 0.0, line, spec.name))
     sweep_keys = [key for key in SWEEP_CHECKS if _limit(spec, key) is not None]
     fraction = spec.checks.max_fragile_fraction
     fragile_response = fraction.on if fraction is not None else "adversarial"
@@ -244,6 +250,8 @@ class Measurements(Protocol):
     def scope_members(self) -> Members: ...
 
     def attack_indicator(self, name: str, attack_id: str | None, limit: float) -> Indicator: ...
+
+    def unit_semantics(self) -> UnitSemanticsResult | None: ...
 
 
 Evaluator = Callable[[PlannedCheck, Measurements], CheckResult]
@@ -376,6 +384,11 @@ def _transfer_only(planned: PlannedCheck, m: Measurements) -> CheckResult:
     return _result(planned, 0.0, True, "transferability computed")
 
 
+def _units_only(planned: PlannedCheck, m: Measurements) -> CheckResult:
+    m.unit_semantics()
+    return _result(planned, 0.0, True, "unit semantics computed")
+
+
 def _attack_sanity(planned: PlannedCheck, m: Measurements) -> CheckResult:
     """An attack-failure indicator: its detail names the measurement, the examples it
     concerns and, when it fails, what to do."""
@@ -402,6 +415,7 @@ EVALUATORS: dict[str, Evaluator] = {
     SWEEP_ONLY: _sweep_only,
     REMEDIATION_ONLY: _remediation_only,
     TRANSFER_ONLY: _transfer_only,
+    UNITS_ONLY: _units_only,
     **{name: _attack_sanity for name in SANITY_LIMITS},
 }
 

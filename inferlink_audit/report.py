@@ -35,7 +35,14 @@ from markupsafe import Markup
 from . import __version__
 from .fileio import atomic_write_text
 from .indicators import GUIDE
-from .results import RESPONSES, AuditResult, CheckResult, ModelResult, SweepResult
+from .results import (
+    RESPONSES,
+    AuditResult,
+    CheckResult,
+    ModelResult,
+    SweepResult,
+    UnitSemanticsResult,
+)
 from .summary import INERT_EXPLANATION, inert_sweeps
 
 if TYPE_CHECKING:
@@ -245,6 +252,7 @@ class _ModelView:
     inert_note: str = INERT_EXPLANATION
     eps_curves: dict[str, Any] | None = None  # accuracy against ε (_eps_view)
     sanity: list[dict[str, Any]] = field(default_factory=list)  # indicators (_sanity_view)
+    units: dict[str, Any] | None = None  # analysis.units: the image grids (_units_view)
 
 
 def _layer_order(model: ModelResult) -> list[str]:
@@ -472,6 +480,7 @@ _SECTIONS = (
     ("sanity", "Attack-failure indicators"),
     ("lipschitz", "Lipschitz"),
     ("remediation", "Remediation"),
+    ("units", "Unit semantics"),
 )
 
 
@@ -531,7 +540,62 @@ def _model_view(model: ModelResult, index: int, plotter: CurvePlotter) -> _Model
         inert=inert_sweeps(model.sweeps),
         eps_curves=_eps_view(model, index),
         sanity=_sanity_view(model),
+        units=_units_view(model.units),
     )
+
+
+UNITS_POINT = (
+    "Szegedy et al. (2014, §3) found that the test images that most activate a single unit "
+    "look no more alike than those that most align with a random direction of the same "
+    "layer: the meaning lives in the space of activations, not in its coordinates. Compare "
+    'the rows below. If the random directions look as "semantic" as the units, individual '
+    "units carry no special meaning, and reading one unit as a detector of one concept is "
+    "not supported."
+)
+
+
+def _units_view(units: UnitSemanticsResult | None) -> dict[str, Any] | None:
+    """The unit-semantics grids: one row of top-k images per unit, then per direction."""
+    if units is None:
+        return None
+    reduced = (
+        f"its {'×'.join(map(str, units.activation_shape))} output averaged over spatial "
+        f"positions to a {units.dimensions}-vector"
+        if units.reduction == "spatial_mean"
+        else f"its {units.dimensions}-dimensional output"
+    )
+    method = (
+        f"Layer {units.layer}: {reduced}. Units: the {len(units.units)} most variable over the "
+        f"test set. Directions: {len(units.directions)} random unit vectors drawn from seed "
+        f"{units.seed}. Each row shows the {units.k} test images with the largest activation "
+        "(units) or projection (directions), largest first, with the example's index, class "
+        "and value (docs/method.md §9)."
+    )
+
+    def row(top: Any, label: str) -> dict[str, Any]:
+        examples = []
+        for index, value in zip(top.examples, top.values, strict=True):
+            cls = units.labels.get(str(index))
+            text = f"#{index}" + ("" if cls is None else f" · class {cls}")
+            examples.append(
+                {
+                    "index": index,
+                    "src": units.images.get(str(index)),
+                    "caption": text,
+                    "value": fmt_num(value),
+                    "title": f"test example {text}: {fmt_num(value)}",
+                }
+            )
+        return {"label": label, "examples": examples}
+
+    groups = [
+        (
+            "Natural-basis units",
+            [row(u, f"unit {u.index} (variance {fmt_num(u.variance)})") for u in units.units],
+        ),
+        ("Random directions", [row(d, f"direction {d.index}") for d in units.directions]),
+    ]
+    return {"point": UNITS_POINT, "method": method, "groups": groups, "note": units.image_note}
 
 
 def _eps_view(model: ModelResult, index: int) -> dict[str, Any] | None:

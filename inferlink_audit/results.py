@@ -234,6 +234,45 @@ class EpsCurve:
 
 
 @dataclass(frozen=True)
+class TopExamples:
+    """The test examples that most activate one unit, or most align with one random direction
+    (``kind``: "unit" or "direction"; ``index``: the unit's coordinate or the direction's
+    number), largest value first (docs/method.md §9)."""
+
+    kind: str
+    index: int
+    examples: list[int]  # indices into the test set as loaded (after ``limit``)
+    values: list[float]  # the activation (unit) or projection (direction) of each
+    variance: float | None = None  # for a unit: its variance over the test set
+
+
+@dataclass(frozen=True)
+class UnitSemanticsResult:
+    """``analysis.units``: Szegedy et al.'s unit semantics for one layer (units.py)."""
+
+    layer: str
+    activation_shape: list[int]  # the layer's output per example
+    reduction: str  # "none", or "spatial_mean" (a C×H×W output averaged over positions)
+    dimensions: int  # D, the dimension of the space the directions live in
+    k: int
+    seed: int
+    unit_choice: str  # "most_variable"
+    units: list[TopExamples]
+    directions: list[TopExamples]
+    direction_vectors: list[list[float]]  # unit-length, one per direction
+    images: dict[str, str] = field(default_factory=dict)  # example index → base64 PNG
+    labels: dict[str, int] = field(default_factory=dict)  # example index → its class
+    image_note: str = ""  # why there are no images, when there are none
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UnitSemanticsResult:
+        data = dict(data)
+        for key in ("units", "directions"):
+            data[key] = [TopExamples(**row) for row in data[key]]
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class ModelResult:
     name: str
     checkpoint_sha256: str
@@ -254,6 +293,7 @@ class ModelResult:
     clean_accuracy_ci: list[float] | None = None  # Wilson interval, with ``statistics:`` only
     statistics: dict[str, Any] | None = None  # confidence, resamples, decide, when asked for
     eps_curves: list[EpsCurve] | None = None  # attacks listing several ε, when there are any
+    units: UnitSemanticsResult | None = None  # ``analysis.units``, when asked for
 
 
 @dataclass(frozen=True)
@@ -290,6 +330,7 @@ _OPTIONAL = (
     "examples",
     "examples_count",
     "eps_curves",
+    "units",
 )
 
 
@@ -356,6 +397,7 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                 eps_curves=None
                 if m.get("eps_curves") is None
                 else [EpsCurve(**c) for c in m["eps_curves"]],
+                units=None if m.get("units") is None else UnitSemanticsResult.from_dict(m["units"]),
             )
         )
     return AuditResult(meta=data["meta"], models=models, consistency=data.get("consistency"))

@@ -32,6 +32,7 @@ from .results import (
     LipschitzResult,
     ModelResult,
     SweepResult,
+    UnitSemanticsResult,
     read_results,
 )
 from .scores import Members
@@ -240,6 +241,7 @@ def _shard_model(
         values=spec.filtering.values,
         adversarial_source=spec.filtering.adversarial_source,
         eps_curves=session.eps_curves() if first else None,
+        units=session.unit_semantics() if first else None,
     )
 
 
@@ -338,6 +340,9 @@ class _Merged:
 
     def transfer(self) -> list[dict[str, Any]]:
         return []  # refused by run_shard
+
+    def unit_semantics(self) -> UnitSemanticsResult | None:
+        return self.model.units  # shard 1 computed it
 
     def baseline_model(self) -> ModelResult:
         assert self.baseline is not None  # planned only with a baseline

@@ -821,6 +821,44 @@ class StatisticsSpec(_Strict):
     )
 
 
+# --------------------------------------------------------------------------- analyses
+class UnitsSpec(_Strict):
+    """Unit semantics (Szegedy et al. 2014, §3): the test images that most activate single
+    units of a layer next to those that most align with random directions (docs/method.md §9)."""
+
+    layer: str = Field(
+        min_length=1,
+        description="the module whose output is analysed, named as model.named_modules() "
+        "names it (e.g. 'conv2', 'fc1', 'layer3.1.relu'); a conv output is averaged over its "
+        "spatial positions",
+    )
+    units: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=4,
+        description="natural-basis units shown: the most variable over the test set",
+    )
+    directions: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=4,
+        description="random unit-length directions of the activation space shown, drawn "
+        "from the spec's seed",
+    )
+    k: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8,
+        description="test images shown per unit and per direction: the k with the largest "
+        "activation or projection",
+    )
+
+
+class AnalysisSpec(_Strict):
+    """Analyses that are reported and never asserted (each is an item that passes once
+    computed)."""
+
+    units: UnitsSpec | None = Field(
+        default=None,
+        description="unit semantics of one layer: top test images of units and of random "
+        "directions, shown as image grids in the report",
+    )
+
+
 # --------------------------------------------------------------------------- the audit
 class AuditSpec(_Strict):
     """A whole audit: one model, its test set, the stress to apply and the checks to assert."""
@@ -873,6 +911,10 @@ class AuditSpec(_Strict):
     statistics: StatisticsSpec | None = Field(
         default=None,
         description="opt-in intervals for every number and decision",
+    )
+    analysis: AnalysisSpec = Field(
+        default_factory=AnalysisSpec,
+        description="informational analyses (unit semantics), reported but never asserted",
     )
 
     # Set by the loader: where the spec came from, so errors and reports can point into it.

@@ -190,6 +190,7 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
         **statistics,
         "lipschitz": lipschitz,
         "remediation": session.computed_remediation,
+        "units": None if session.computed_units is None else asdict(session.computed_units),
     }
 
 
@@ -348,7 +349,9 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
         sweep_groups, key=lambda k: (_index(filters, k[0]), _index(attack_order, k[1]))
     )
     model = {
-        key: value for key, value in infos[0].items() if key not in ("lipschitz", "remediation")
+        key: value
+        for key, value in infos[0].items()
+        if key not in ("lipschitz", "remediation", "units")
     }
     return {
         **model,
@@ -356,6 +359,7 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
         "sweeps": [s for key in ordered_groups for s in sweep_groups[key]],
         "lipschitz": next((i["lipschitz"] for i in infos if i["lipschitz"] is not None), None),
         "remediation": next((i["remediation"] for i in infos if i.get("remediation")), None),
+        "units": next((i["units"] for i in infos if i.get("units")), None),
         "checks": [p["check"] for p in items if p["check"] is not None],
         "eps_curves": next((i["eps_curves"] for i in infos if i.get("eps_curves")), None),
     }
