@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -82,6 +82,9 @@ from .sweep import (
 )
 from .units import LAYER_KEY, find_layer, unit_semantics
 
+if TYPE_CHECKING:
+    from .distributed import Ranks
+
 
 class SweepCache(Protocol):
     """Where finished sweeps are kept between runs (the plugin backs it with a folder)."""
@@ -135,6 +138,8 @@ class AuditSession:
         self._orderings: dict[str | None, SortedScope] = {}  # by layer; None is the global scope
         self._unfiltered_outcomes: dict[str, Bits | None] = {}  # by attack
         self._draws: dict[tuple[str, str], list[SweepDraws]] = {}  # bootstrap, per sweep
+        # Under torchrun: this process's rank, which evaluates a share of the test set.
+        self.ranks: Ranks | None = None
         self.output_dir = output_dir  # where remediated checkpoints go (default: report.dir)
         # How a compared spec's session is obtained; the pytest plugin shares its own.
         self.peer_factory: Callable[[Path], AuditSession] = lambda path: AuditSession(
@@ -243,6 +248,16 @@ class AuditSession:
         loaded = self.prepared.loaded
         return NetworkSplitter(loaded.inner, loaded.module.normalize)
 
+    @cached_property
+    def share(self) -> EvalData:
+        """The examples this process evaluates: the test set, or under torchrun its rank's
+        share (accuracies are computed from every rank's outcomes, gathered)."""
+        data = self.prepared.data
+        if self.ranks is None:
+            return data
+        size = self.ranks.agreed_batch_size(data.batch_size)
+        return self.ranks.share(replace(data, batch_size=size))
+
     def _attack(self, attack_id: str) -> Attack:
         data = self.spec.data
         return build_attack(self.spec.attack(attack_id), data.input_range, self.spec.seed)
@@ -253,8 +268,10 @@ class AuditSession:
             p = self.prepared
             correct = 0
             with torch.inference_mode():
-                for _, xb, yb in p.data.batches():
+                for _, xb, yb in self.share.batches():
                     correct += int((p.loaded.module(xb).argmax(1) == yb).sum())
+            if self.ranks is not None:
+                correct = int(self.ranks.gather(np.array([correct]))[0].sum())
             self._clean = correct / p.data.n
         return self._clean
 
@@ -276,7 +293,7 @@ class AuditSession:
             l2: list[torch.Tensor] = []
             still_correct: list[torch.Tensor] = []
             with frozen_parameters(model):
-                for _, xb, yb, out in p.data.attacked(attack, model):
+                for _, xb, yb, out in self.share.attacked(attack, model):
                     x_adv = out.adversarial
                     with torch.inference_mode():
                         # FGSM, PGD and L-BFGS already ran the clean forward pass
@@ -294,6 +311,13 @@ class AuditSession:
                     rms.append(diff.pow(2).mean(1).sqrt().cpu())
                     linf.append(diff.abs().amax(1).cpu())
                     l2.append(diff.norm(dim=1).cpu())
+            if self.ranks is not None:  # every rank's counts and distortions, in example order
+                counts, *values = self.ranks.gather(
+                    np.array([correct, clean_correct, flipped]),
+                    *(torch.cat(d).numpy() for d in (rms, linf, l2)),
+                )
+                correct, clean_correct, flipped = (int(c) for c in counts.reshape(-1, 3).sum(0))
+                rms, linf, l2 = ([torch.from_numpy(v)] for v in values)
             spec = self.spec.attack(attack_id)
             self._attack_correct[attack_id] = torch.cat(still_correct)
             self._attacks[attack_id] = AttackResult(
@@ -545,6 +569,8 @@ class AuditSession:
             needs_outcomes = self.spec.statistics is not None
             if cached is not None and needs_outcomes and any(s.outcomes is None for s in cached):
                 cached = None  # an entry written before outcomes were kept
+            if self.ranks is not None and not self.ranks.all_true(cached is not None):
+                cached = None  # every rank computes the sweep, or none does
             if cached is None:
                 t0 = time.perf_counter()
                 cached = self._compute_sweeps(filter_name, attack_id)  # type: ignore[arg-type]
@@ -552,7 +578,7 @@ class AuditSession:
                 verify_unchanged(self.prepared.loaded.module, self.prepared.digest, where)
                 self.timings[f"sweep {filter_name} {attack_id}"] = time.perf_counter() - t0
                 self.computed_sweeps += 1
-                if self.cache is not None:
+                if self.cache is not None and (self.ranks is None or self.ranks.rank == 0):
                     self.cache.put(self.cache_key(filter_name, attack_id), cached)
             self._sweeps[key] = self._with_statistics(key, cached)
         return self._sweeps[key]
@@ -635,13 +661,14 @@ class AuditSession:
             source = self.spec.filtering.adversarial_source
             evaluator = Evaluator(
                 p.loaded.module,
-                p.data,
+                self.share,
                 self._attack(attack_id),
                 source,
                 splitter=self.splitter,
                 prefix_budget=self.spec.filtering.prefix_cache_mb << 20,
                 fast=self.spec.filtering.fast,
             )
+            evaluator.ranks = self.ranks
             self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
             self._unfiltered_outcomes[attack_id] = evaluator.last_outcomes
         return self._evaluators[attack_id]
@@ -809,6 +836,7 @@ class AuditSession:
             "deterministic": p.settings,
             "peak_memory_mb": peak_memory_mb(p.device),
             "definitions": "docs/method.md §4: r = ψ/ψ⁰, b = 1 − ρ, Simpson over α̂ = k/(n−1)",
+            **({} if self.ranks is None else {"torchrun_ranks": self.ranks.world}),
         }
 
 
@@ -819,12 +847,19 @@ def run_audit(
     cache: SweepCache | None = None,
     on_variant: Callable[[str], None] | None = None,
     output_dir: Path | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[AuditResult, list[PlannedCheck], AuditSession]:
-    """The whole audit of one spec: every check evaluated and every sweep computed."""
+    """The whole audit of one spec: every check evaluated and every sweep computed (under
+    torchrun, ``ranks``: each process evaluates its share of the test set)."""
     t0 = time.perf_counter()
+    if ranks is not None:
+        from .distributed import refuse_unsplittable
+
+        refuse_unsplittable(spec)
     main = AuditSession(
         spec, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir
     )
+    main.ranks = ranks
     sessions = [main, *main.peers()]
     planned = plan_checks(spec)
     models = []

@@ -22,6 +22,7 @@ from . import __version__
 from .errors import AuditError, OutputError, SpecError
 
 if TYPE_CHECKING:
+    from .distributed import Ranks
     from .spec import AuditSpec
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -121,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         from .shards import parse_shard
 
         shard = parse_shard(args.shard)
+    ranks = _join_torchrun(args, spec, shard)
     try:
         from tqdm.auto import tqdm
 
@@ -136,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         _check_output_folder(out, "--out" if args.out is not None else "report.dir")
         _refuse_overwriting_inputs(spec, out)
         _check_baseline(spec)
-        show_progress = not args.quiet and sys.stderr.isatty()
+        rank0 = ranks is None or ranks.rank == 0
+        show_progress = not args.quiet and sys.stderr.isatty() and rank0
         bar = tqdm(
             desc=f"audit {spec.name}", unit="variant", disable=not show_progress, leave=False
         )
@@ -159,14 +162,16 @@ def _run(args: argparse.Namespace) -> int:
                         "choose another folder."
                     ) from exc
                 cache = DiskSweepCache(args.cache)
+            device = args.device if ranks is None else ranks.device_name(args.device or spec.device)
             with oom:
                 if shard is None:
                     result, _, _ = run_audit(
                         spec,
-                        device=args.device,
+                        device=device,
                         cache=cache,
                         on_variant=lambda where: bar.update(1),
                         output_dir=out,
+                        ranks=ranks,
                     )
                 else:
                     from .shards import run_shard
@@ -181,6 +186,10 @@ def _run(args: argparse.Namespace) -> int:
                     )
         finally:
             bar.close()
+            if ranks is not None:
+                ranks.leave()
+        if ranks is not None and ranks.rank != 0:
+            return EXIT_PASS  # rank 0 writes and prints the whole audit's results
         try:
             results_path = write_results(result, out / "results.json")
             # A shard's report would show a part of the audit: merge writes the whole one.
@@ -204,6 +213,24 @@ def _run(args: argparse.Namespace) -> int:
         print(text_summary(result))
     print(f"results: {results_path}\nreport:  {report_path}")
     return EXIT_PASS if result.passed else EXIT_FAIL
+
+
+def _join_torchrun(args: argparse.Namespace, spec: AuditSpec, shard: object) -> Ranks | None:
+    """Under torchrun, this process's rank in the process group (README, "Several
+    processes"); None in a plain run, which never imports torch.distributed."""
+    from .distributed import join, launched, refuse_unsplittable
+
+    if not launched():
+        return None
+    if shard is not None:
+        raise AuditError(
+            "--shard splits the sweeps over CI jobs and torchrun splits the test set over "
+            "processes; use one of them: drop --shard, or run the shard without torchrun."
+        )
+    refuse_unsplittable(spec)
+    ranks = join(args.device or spec.device)
+    args.joined = True  # from now on an error may be this rank's own: every rank reports it
+    return ranks
 
 
 def _name_the_spec(exc: AuditError, spec: AuditSpec, given: Path) -> None:
@@ -427,6 +454,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _torchrun_rank() -> int:
+    from .distributed import environment_rank
+
+    return environment_rank()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"run": _run, "init": _init, "merge": _merge, "schema": _schema}[args.command]
@@ -436,7 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"inferlink-audit: error: {_printable(str(exc))}", file=sys.stderr)
+        rank = _torchrun_rank()
+        if rank == 0 or getattr(args, "joined", False):
+            where = f" (rank {rank})" if rank else ""
+            print(f"inferlink-audit{where}: error: {_printable(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, _Terminated)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from .attacks import FGSM, Attack, AttackOutput
 from .errors import IntegrityError
 from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
 from .prefix import NetworkSplitter, live_bytes
+
+if TYPE_CHECKING:
+    from .distributed import Ranks
 
 Bits = tuple[np.ndarray, np.ndarray]  # (clean, adversarial) correctness, ``np.packbits``-packed
 
@@ -229,6 +232,8 @@ class Evaluator:
     ) -> None:
         self.model, self.data, self.attack = model, data, attack
         self.splitter, self.prefix_budget, self.fast = splitter, prefix_budget, fast
+        # Under torchrun ``data`` is this rank's share: outcomes are gathered from every rank.
+        self.ranks: Ranks | None = None
         self.fixed_adversarial: list[torch.Tensor] | None = None
         if source == "original" or not attack.model_dependent:
             self.fixed_adversarial = [out.adversarial for *_, out in data.attacked(attack, model)]
@@ -252,6 +257,8 @@ class Evaluator:
         """Reuse the network's prefix before the first reader of ``tensors`` (by default every
         tensor of the module ``layer``) while they change."""
         self._prefix = self._build_prefix(layer, tensors)
+        if self.ranks is not None and not self.ranks.all_true(self._prefix is not None):
+            self._prefix = None  # every rank takes the same path
         if self._prefix is not None:
             self.prefix_hits += 1
         try:
@@ -320,7 +327,7 @@ class Evaluator:
         pays, and the inputs of the focused suffix are fixed (``adversarial_source: original``
         or noise); else None."""
         prefix = self._prefix
-        if not self.fast or prefix is None or prefix.fixed is None:
+        if not self.fast or prefix is None or prefix.fixed is None or self.ranks is not None:
             return None
         if self.data.x.device.type not in self.batching_devices:
             return None
@@ -389,11 +396,16 @@ class Evaluator:
                 unchanged = unchanged and self._unchanged(index, clean_logits)
                 clean_ok.append(clean_logits.argmax(dim=1) == yb)
                 adversarial_ok.append(self.model(x_adv).argmax(dim=1) == yb)
-        self.last_unchanged = unchanged
         clean_bits = torch.cat(clean_ok).cpu().numpy()
         adversarial_bits = torch.cat(adversarial_ok).cpu().numpy()
+        if self.ranks is not None:  # a rank's share: the whole set's outcomes from every rank
+            clean_bits, adversarial_bits, same = self.ranks.gather(
+                clean_bits, adversarial_bits, np.array([unchanged])
+            )
+            unchanged = bool(same.all())
+        self.last_unchanged = unchanged
         self.last_outcomes = (np.packbits(clean_bits), np.packbits(adversarial_bits))
-        n = self.data.n
+        n = len(clean_bits)
         return int(clean_bits.sum()) / n, int(adversarial_bits.sum()) / n
 
 
