@@ -15,10 +15,10 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from .checks import PlannedCheck, evaluate_check, find_baseline_model, is_check,
 from .compare import TransferModel, label_consistency, transferability
 from .data import Dataset, data_key, load_dataset, validate_dataset
 from .devices import (
+    bf16_unsupported_reason,
     describe_device,
     deterministic_settings,
     out_of_memory_as_error,
@@ -40,10 +41,18 @@ from .devices import (
     resolve_device,
     seed_everything,
 )
-from .errors import AuditError, SpecError
+from .errors import AuditError, DeviceError, SpecError
 from .filters import FilterName, SortedScope
 from .layers import AnalysedLayer, select_layers
 from .models import LoadedModel, check_batch, load_model
+from .precision import (
+    Calibration,
+    PairedVariant,
+    ScoreMargins,
+    calibration_index,
+    near_boundary,
+    score_margins,
+)
 from .prefix import NetworkSplitter
 from .remediation import safe_file_stem, selective_retrain
 from .results import (
@@ -75,6 +84,7 @@ from .sweep import (
     Bits,
     EvalData,
     Evaluator,
+    evaluate_variant,
     frozen_parameters,
     state_digest,
     sweep_scope,
@@ -137,6 +147,8 @@ class AuditSession:
         self._peers: list[AuditSession] | None = None
         self._orderings: dict[str | None, SortedScope] = {}  # by layer; None is the global scope
         self._unfiltered_outcomes: dict[str, Bits | None] = {}  # by attack
+        self._calibration: Calibration | None = None  # compute.precision: bf16 with confirm
+        self._precision_sweeps: list[dict[str, Any]] = []  # each bf16 sweep: confirmed or not
         self._draws: dict[tuple[str, str], list[SweepDraws]] = {}  # bootstrap, per sweep
         # Under torchrun: this process's rank, which evaluates a share of the test set.
         self.ranks: Ranks | None = None
@@ -173,7 +185,22 @@ class AuditSession:
         spec = self.spec
         with located_errors(spec, ("device",) if self.device_name == spec.device else ()):
             device = resolve_device(self.device_name, worker=self.worker)
+            self._check_precision(device)
         return device, deterministic_settings(device)
+
+    def _check_precision(self, device: torch.device) -> None:
+        """``compute.precision: bf16`` only where the device multiplies bf16 natively."""
+        if self.spec.compute.precision != "bf16":
+            return
+        reason = bf16_unsupported_reason(device)
+        if reason is not None:
+            raise DeviceError(
+                f"bf16 is not run on device {describe_device(device)}: {reason}. Use "
+                "compute.precision: fp32 (exact, the default) here, or run on a CUDA GPU with "
+                "bf16 or a CPU with AMX or AVX-512 BF16.",
+                key=("compute", "precision"),
+            )
+
 
     def _dataset(self) -> Dataset:
         with located_errors(self.spec, data_key(self.spec.data)):
@@ -557,6 +584,8 @@ class AuditSession:
             "device": self.prepared.device.type,
             "filter": filter_name,
         }
+        if spec.compute.precision != "fp32":  # fp32 keeps the keys of earlier versions
+            relevant["compute"] = spec.compute.model_dump(mode="json")
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
     def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]:
@@ -573,7 +602,7 @@ class AuditSession:
                 cached = None  # every rank computes the sweep, or none does
             if cached is None:
                 t0 = time.perf_counter()
-                cached = self._compute_sweeps(filter_name, attack_id)  # type: ignore[arg-type]
+                cached = self._compute_in_precision(filter_name, attack_id)  # type: ignore[arg-type]
                 where = f"sweeps of {filter_name} under {attack_id}"
                 verify_unchanged(self.prepared.loaded.module, self.prepared.digest, where)
                 self.timings[f"sweep {filter_name} {attack_id}"] = time.perf_counter() - t0
@@ -650,13 +679,18 @@ class AuditSession:
             return None
         return Sampling(stats.confidence, stats.decide, self.prepared.data.n, self.sweep_draws)
 
-    def _evaluator(self, attack_id: str) -> tuple[Evaluator, tuple[float, float]]:
+    def _evaluator(
+        self, attack_id: str, precision: Literal["fp32", "bf16"] = "fp32"
+    ) -> tuple[Evaluator, tuple[float, float]]:
         """The attack's evaluator and the unfiltered network's (clean, adversarial) accuracy.
 
         The unfiltered network goes through the same evaluation path as every variant, once
         per attack, so thresholds that zero nothing reuse a result computed like the others.
+        A bf16 evaluator's own unfiltered result only calibrates (``precision.py``): the
+        sweeps take fp32's.
         """
-        if attack_id not in self._evaluators:
+        key = attack_id if precision == "fp32" else f"{attack_id} {precision}"
+        if key not in self._evaluators:
             p = self.prepared
             source = self.spec.filtering.adversarial_source
             evaluator = Evaluator(
@@ -667,11 +701,141 @@ class AuditSession:
                 splitter=self.splitter,
                 prefix_budget=self.spec.filtering.prefix_cache_mb << 20,
                 fast=self.spec.filtering.fast,
+                precision=precision,
+                channels_last=precision != "fp32"
+                and self.spec.compute.channels_last(self.prepared.data.x.dim()),
             )
             evaluator.ranks = self.ranks
-            self._evaluators[attack_id] = (evaluator, evaluator.evaluate())
-            self._unfiltered_outcomes[attack_id] = evaluator.last_outcomes
-        return self._evaluators[attack_id]
+            self._evaluators[key] = (evaluator, evaluator.evaluate())
+            if precision == "fp32":
+                self._unfiltered_outcomes[attack_id] = evaluator.last_outcomes
+        return self._evaluators[key]
+
+    # ----------------------------------------------------------------- precision
+    def _compute_in_precision(self, filter_name: FilterName, attack_id: str) -> list[SweepResult]:
+        """The sweeps in ``compute.precision``; under bf16 with ``confirm``, every sweep within
+        the calibrated margin of a boundary re-run in fp32 (``precision.py``)."""
+        compute = self.spec.compute
+        if compute.precision == "fp32":
+            return self._compute_sweeps(filter_name, attack_id)
+        t0 = time.perf_counter()
+        sweeps = self._compute_sweeps(filter_name, attack_id, compute.precision)
+        self.timings["bf16"] = self.timings.get("bf16", 0.0) + time.perf_counter() - t0
+        if not compute.confirms:
+            return sweeps
+        t0 = time.perf_counter()
+        self._calibrate(filter_name, attack_id, sweeps)
+        calibration = self._calibration
+        assert calibration is not None
+        reference = self._evaluator(attack_id)[1]
+        near: dict[tuple[str, str | None], list[str]] = {}
+        for s in sweeps:
+            margins = score_margins(s, calibration.margin, reference)
+            reasons = near_boundary(
+                s, margins, self.spec.filtering.tolerance, self._score_drop_values(s, margins)
+            )
+            self._precision_sweeps.append(
+                {
+                    "filter": filter_name,
+                    "attack": attack_id,
+                    "scope": s.scope,
+                    "layer": s.layer,
+                    "precision": "fp32" if reasons else "bf16",
+                    "confirmed": bool(reasons),
+                    "reasons": reasons,
+                    "accuracy_margin": calibration.margin,
+                    "score_margins": asdict(margins),
+                }
+            )
+            if reasons:
+                near[(s.scope, s.layer)] = reasons
+        if near:
+            exact = self._compute_sweeps(filter_name, attack_id, "fp32", only=set(near))
+            by_scope = {(s.scope, s.layer): s for s in exact}
+            sweeps = [by_scope.get((s.scope, s.layer), s) for s in sweeps]
+        self.timings["confirm"] = self.timings.get("confirm", 0.0) + time.perf_counter() - t0
+        return sweeps
+
+    def _calibrate(
+        self, filter_name: FilterName, attack_id: str, sweeps: list[SweepResult]
+    ) -> None:
+        """Add to the run's calibration the variants of ``sweeps`` evaluated in both
+        precisions: the unfiltered network (once per attack) and, per sweep, the variant
+        nearest half the scope removed."""
+        n = self.prepared.data.n
+        if self._calibration is None:
+            self._calibration = Calibration(n)
+        pairs = self._calibration.pairs
+        if not any(p.where == f"unfiltered {attack_id}" for p in pairs):
+            exact = self._evaluator(attack_id)[1]
+            approximate = self._evaluator(attack_id, self.spec.compute.precision)[1]
+            pairs.append(PairedVariant(f"unfiltered {attack_id}", exact, approximate))
+        evaluator = self._evaluator(attack_id)[0]
+        filtering = self.spec.filtering
+        with frozen_parameters(self.prepared.loaded.module):
+            for s in sweeps:
+                k = calibration_index(s)
+                if k is None:
+                    continue
+                tensors = self._scope_tensors(s.layer)
+                ordering = self._ordering(s.layer, tensors)
+                value_range = filtering.range if s.scope == "global" else None
+                exact = evaluate_variant(
+                    tensors, ordering, filter_name, s.thresholds[k], evaluator,
+                    thresholds=filtering.thresholds, value_range=value_range,
+                )  # fmt: skip
+                where = f"{filter_name} {attack_id} {s.layer or 'global'} threshold {k}"
+                approximate = (s.clean_accuracy[k], s.adversarial_accuracy[k])
+                pairs.append(PairedVariant(where, exact, approximate))
+
+    def _scope_tensors(self, layer_name: str | None) -> list[torch.Tensor]:
+        """The tensors one sweep filters: one layer's, or every analysed layer's (global)."""
+        layers = [layer for layer in self.prepared.layers if layer_name in (None, layer.name)]
+        return list({id(t): t for layer in layers for t in layer.parameters}.values())
+
+    def _score_drop_values(
+        self, sweep: SweepResult, margins: ScoreMargins
+    ) -> list[tuple[str, float, float, float]]:
+        """``max_score_drop``'s value for each score of ``sweep`` against its limit."""
+        limit = self.spec.checks.max_score_drop
+        if limit is None or self.spec.baseline is None:
+            return []
+        old = next(
+            (
+                b
+                for b in self.baseline_model().sweeps
+                if (b.scope, b.layer, b.filter, b.attack)
+                == (sweep.scope, sweep.layer, sweep.filter, sweep.attack)
+            ),
+            None,
+        )
+        if old is None:
+            return []
+        return [
+            (
+                f"{response} score drop",
+                getattr(old.scores, response) - getattr(sweep.scores, response),
+                float(limit),
+                getattr(margins, response),
+            )
+            for response in ("clean", "adversarial", "difference")
+        ]
+
+    def compute_record(self) -> dict[str, Any] | None:
+        """results.json's ``compute``: precision, calibration, and each bf16 sweep's fate;
+        None for fp32 (the results are then exactly what they always were)."""
+        compute = self.spec.compute
+        if compute.precision == "fp32":
+            return None
+        n_dims = self.prepared.data.x.dim()
+        return {
+            "precision": compute.precision,
+            "memory_format": "channels_last" if compute.channels_last(n_dims) else "contiguous",
+            "confirm": compute.confirms,
+            "calibration": None if self._calibration is None else self._calibration.to_json(),
+            "sweeps": self._precision_sweeps,
+            "confirmed": sum(1 for s in self._precision_sweeps if s["confirmed"]),
+        }
 
     def _ordering(self, scope: str | None, tensors: list[torch.Tensor]) -> SortedScope:
         """A scope's sorted values, computed once for every filter and attack (the weights
@@ -680,19 +844,31 @@ class AuditSession:
             self._orderings[scope] = SortedScope.of(tensors, self.spec.filtering.values)
         return self._orderings[scope]
 
-    def _compute_sweeps(self, filter_name: FilterName, attack_id: str) -> list[SweepResult]:
+    def _compute_sweeps(
+        self,
+        filter_name: FilterName,
+        attack_id: str,
+        precision: Literal["fp32", "bf16"] = "fp32",
+        only: set[tuple[str, str | None]] | None = None,
+    ) -> list[SweepResult]:
+        """The sweeps of ``filter_name`` under ``attack_id`` in ``precision`` (``only``: just
+        those (scope, layer))."""
         p = self.prepared
         filtering = self.spec.filtering
         model = p.loaded.module
         results: list[SweepResult] = []
         with frozen_parameters(model):
             evaluator, unfiltered = self._evaluator(attack_id)
+            if precision != "fp32":
+                evaluator = self._evaluator(attack_id, precision)[0]
             scopes: list[tuple[str, str | None, list[AnalysedLayer]]] = []
             if "local" in filtering.scopes:
                 scopes += [("local", layer.name, [layer]) for layer in p.layers]
             if "global" in filtering.scopes:
                 scopes.append(("global", None, p.layers))
             for scope, layer_name, layers in scopes:
+                if only is not None and (scope, layer_name) not in only:
+                    continue
                 # A tensor tied into several layers is one tensor of the scope, counted once.
                 tensors = list({id(t): t for layer in layers for t in layer.parameters}.values())
                 where = f"{filter_name} {attack_id} {layer_name or 'global'}"
@@ -813,6 +989,7 @@ class AuditSession:
             clean_accuracy_ci=self.clean_accuracy_interval(),
             statistics=None if stats is None else stats.model_dump(mode="json"),
             eps_curves=self.eps_curves(),
+            compute=self.compute_record(),
             units=self.unit_semantics(),
         )
 

@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 from .errors import DeviceError, ResourceError
 
 __all__ = [
+    "bf16_unsupported_reason",
+    "cpu_bf16_flags",
     "cuda_device_count",
     "describe_device",
     "deterministic_settings",
@@ -238,6 +241,51 @@ def out_of_memory_error(
         f"({type(exc).__name__}: {first}); {advice}. The test set itself is held on the "
         "device too: data.limit makes it smaller."
     )
+
+
+# CPU flags (Linux /proc/cpuinfo) of instructions that multiply bf16 matrices natively: Intel
+# AMX, AVX-512 BF16 (Cooper Lake, Sapphire Rapids, Zen 4) and Arm's BF16 extension. Without
+# them oneDNN emulates bf16 through fp32 and autocast only adds conversions.
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The native bf16 instruction sets this CPU announces (empty where it announces none, or
+    where there is no /proc/cpuinfo to read: such a CPU is treated as not running bf16 fast).
+
+    torch's own ``get_cpu_capability()`` says ``AVX512`` whether or not the bf16 extension is
+    there, so the kernel's flags are read instead. Tests patch this function.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return [flag for flag in _BF16_CPU_FLAGS if flag in flags]
+
+
+def bf16_unsupported_reason(device: torch.device) -> str | None:
+    """Why ``device`` would not run bf16 faster than fp32, or None when it does.
+
+    bf16 only pays where the hardware multiplies bf16 natively: a CUDA GPU with bf16 support
+    (Ampere and later), or a CPU with AMX or AVX-512 BF16 (``cpu_bf16_flags``).
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return None
+        return f"{describe_device(device)} has no native bf16 arithmetic (it needs Ampere or later)"
+    if device.type == "cpu":
+        if cpu_bf16_flags():
+            return None
+        return (
+            "this CPU announces neither AMX nor AVX-512 BF16 (nor Arm BF16) in /proc/cpuinfo, "
+            "so bf16 would be emulated in fp32 and slower"
+        )
+    return f"bf16 autocast is not supported by this project on {device.type} devices"
 
 
 CPU_BATCH_BUDGET = 1 << 30  # beyond this, larger CPU batches only cost memory, not time

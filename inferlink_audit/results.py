@@ -293,6 +293,8 @@ class ModelResult:
     clean_accuracy_ci: list[float] | None = None  # Wilson interval, with ``statistics:`` only
     statistics: dict[str, Any] | None = None  # confidence, resamples, decide, when asked for
     eps_curves: list[EpsCurve] | None = None  # attacks listing several ε, when there are any
+    # ``compute.precision: bf16``: the calibration and which sweeps were confirmed in fp32
+    compute: dict[str, Any] | None = None
     units: UnitSemanticsResult | None = None  # ``analysis.units``, when asked for
 
 
@@ -330,6 +332,7 @@ _OPTIONAL = (
     "examples",
     "examples_count",
     "eps_curves",
+    "compute",
     "units",
 )
 
@@ -397,6 +400,7 @@ def result_from_dict(data: dict[str, Any]) -> AuditResult:
                 eps_curves=None
                 if m.get("eps_curves") is None
                 else [EpsCurve(**c) for c in m["eps_curves"]],
+                compute=m.get("compute"),
                 units=None if m.get("units") is None else UnitSemanticsResult.from_dict(m["units"]),
             )
         )

@@ -859,6 +859,48 @@ class AnalysisSpec(_Strict):
     )
 
 
+class ComputeSpec(_Strict):
+    """The arithmetic of the sweeps (opt-in; docs/method.md, "Precision"). fp32 is exact and
+    the definition; bf16 is an approximation whose error the run measures and confirms."""
+
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="fp32: exact (the default). bf16: the sweeps run under bf16 autocast, "
+        "only on hardware with native bf16 (CUDA Ampere or later; CPUs with AMX or AVX-512 "
+        "BF16); the unfiltered network, attacks and checks on it stay fp32.",
+    )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        default="auto",
+        description="Layout of 4-D inputs during the sweeps. auto: channels_last under bf16 "
+        "(oneDNN and cuDNN run bf16 convolutions fastest in it), contiguous under fp32.",
+    )
+    confirm: bool | None = Field(
+        default=None,
+        description="Re-run in fp32 every bf16 sweep whose label, targeted flag or check "
+        "value lies within the calibrated bf16 error of its boundary, so that final labels "
+        "and decisions are fp32's. Default: true with bf16. Needs precision: bf16.",
+    )
+
+    @model_validator(mode="after")
+    def _confirm_needs_bf16(self) -> ComputeSpec:
+        if self.confirm and self.precision != "bf16":
+            raise ValueError(
+                "confirm re-runs bf16 sweeps in fp32: set precision: bf16, or leave confirm out"
+            )
+        return self
+
+    @property
+    def confirms(self) -> bool:
+        """Whether bf16 sweeps near a boundary are re-run in fp32 (true by default with bf16)."""
+        return self.precision == "bf16" and self.confirm is not False
+
+    def channels_last(self, input_dims: int) -> bool:
+        """Whether inputs of ``input_dims`` dimensions run in channels_last."""
+        if input_dims != 4 or self.memory_format == "contiguous":
+            return False
+        return self.memory_format == "channels_last" or self.precision == "bf16"
+
+
 # --------------------------------------------------------------------------- the audit
 class AuditSpec(_Strict):
     """A whole audit: one model, its test set, the stress to apply and the checks to assert."""
@@ -911,6 +953,10 @@ class AuditSpec(_Strict):
     statistics: StatisticsSpec | None = Field(
         default=None,
         description="opt-in intervals for every number and decision",
+    )
+    compute: ComputeSpec = Field(
+        default_factory=ComputeSpec,
+        description="arithmetic of the sweeps: precision, memory format, fp32 confirmation",
     )
     analysis: AnalysisSpec = Field(
         default_factory=AnalysisSpec,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -211,7 +211,8 @@ class Evaluator:
     """
 
     # Where ``fast`` batches thresholds with vmap: on CPU it measured slower than one variant
-    # at a time (2x on ResNet-18's conv1), so there ``fast`` only changes the precision.
+    # at a time (2x on ResNet-18's conv1), so there ``fast`` only turns the memo off. The
+    # precision is ``precision``'s alone (``compute.precision``), with or without ``fast``.
     batching_devices: tuple[str, ...] = ("cuda", "xla")
     # Whether FGSM against each filtered network keeps the prefix's autograd graph. It saves
     # the prefix's forward pass per variant (measured on CPU, a 16/32/64-channel ResNet on
@@ -229,9 +230,14 @@ class Evaluator:
         splitter: NetworkSplitter | None = None,
         prefix_budget: int = 0,
         fast: bool = False,
+        precision: Literal["fp32", "bf16"] = "fp32",
+        channels_last: bool = False,
     ) -> None:
+        if channels_last:
+            data = replace(data, x=data.x.contiguous(memory_format=torch.channels_last))
         self.model, self.data, self.attack = model, data, attack
         self.splitter, self.prefix_budget, self.fast = splitter, prefix_budget, fast
+        self.precision = precision
         # Under torchrun ``data`` is this rank's share: outcomes are gathered from every rank.
         self.ranks: Ranks | None = None
         self.fixed_adversarial: list[torch.Tensor] | None = None
@@ -256,7 +262,8 @@ class Evaluator:
     def focus(self, layer: str, tensors: Sequence[torch.Tensor] | None = None) -> Iterator[None]:
         """Reuse the network's prefix before the first reader of ``tensors`` (by default every
         tensor of the module ``layer``) while they change."""
-        self._prefix = self._build_prefix(layer, tensors)
+        with self.autocast():
+            self._prefix = self._build_prefix(layer, tensors)
         if self.ranks is not None and not self.ranks.all_true(self._prefix is not None):
             self._prefix = None  # every rank takes the same path
         if self._prefix is not None:
@@ -345,22 +352,21 @@ class Evaluator:
     def evaluate(self) -> tuple[float, float]:
         """(clean, adversarial) accuracy; sets ``last_unchanged`` when every clean logit is
         bit-identical to the unfiltered network's."""
-        with self._autocast():
+        with self.autocast():
             return self._evaluate()
 
     def _clean_logits(self) -> list[torch.Tensor]:
-        with self._autocast(), torch.inference_mode():
+        with self.autocast(), torch.inference_mode():
             return [self.model(xb) for _, xb, _ in self.data.batches()]
 
     def _unchanged(self, index: int, logits: torch.Tensor) -> bool:
         reference = self.reference_logits[index]
         return logits.dtype == reference.dtype and torch.equal(logits, reference)
 
-    def _autocast(self) -> Any:
-        """bf16 autocast on CUDA under ``fast`` (an approximation, off by default)."""
-        device = self.data.x.device
-        if self.fast and device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    def autocast(self) -> Any:
+        """bf16 autocast under ``precision: bf16`` (an approximation, off by default)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.data.x.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _evaluate(self) -> tuple[float, float]:
@@ -595,7 +601,8 @@ def sweep_scope(
     try:
         batched = evaluator.batched_evaluation(tensors)
         if batched is not None:
-            results = _evaluate_batched(batched, scope, order, distinct, on_variant)
+            with evaluator.autocast():
+                results = _evaluate_batched(batched, scope, order, distinct, on_variant)
         else:
             results = _evaluate_in_turn(
                 evaluator, scope, ordering, order, distinct, values, on_variant
@@ -668,3 +675,27 @@ def _evaluate_batched(
             if on_variant is not None:
                 on_variant()
     return results
+
+def evaluate_variant(
+    tensors: list[torch.Tensor],
+    ordering: SortedScope,
+    filter_name: FilterName,
+    alpha: float,
+    evaluator: Evaluator,
+    *,
+    thresholds: int,
+    value_range: tuple[float, float] | None = None,
+) -> tuple[float, float]:
+    """(clean, adversarial) accuracy of the one variant of a sweep at threshold ``alpha``
+    (``thresholds`` and ``value_range`` as the sweep had them), evaluated on its own through
+    ``evaluator``; the tensors are restored bit-exactly. For calibrating another precision."""
+    vmin, vmax = value_range or ordering.value_range
+    start, stop = ordering.interval(
+        filter_name, float(alpha), pulse_half_width(vmin, vmax, thresholds)
+    )
+    scope = ScopeWorkingCopy(tensors)
+    try:
+        scope.zero(ordering.order.to(tensors[0].device)[start:stop])
+        return evaluator.evaluate()
+    finally:
+        scope.restore_all()

@@ -1,0 +1,139 @@
+"""bf16 sweeps confirmed in fp32 near their boundaries (docs/method.md, "Precision").
+
+bf16 arithmetic flips the prediction of the few examples whose top two logits are closest,
+so a bf16 accuracy differs from fp32's by a few examples. How many is measured in the run
+itself: some variants are evaluated in both precisions (the unfiltered network per attack and,
+per sweep, its variant nearest half the scope removed, where the network is most damaged and
+its logits least decided), and the largest difference, doubled and never under one example,
+is the accuracy margin ``d``. Every response value of a bf16 sweep is then taken to be within
+``d`` of fp32's, and that bound is carried through the scores: a score is a Simpson integral
+of ψ(α)/ψ⁰ (ψ⁰ is fp32's, measured exactly), so it moves by at most ``S·d/ψ⁰``, where ``S`` is
+the sum of the magnitudes of Simpson's weights. A sweep is re-run in fp32 when one of the
+quantities its label, targeted flag or a check compares with a boundary lies within that
+margin of the boundary; the final labels and decisions are then fp32's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+import numpy as np
+from scipy.integrate import simpson
+
+from .results import SweepResult
+from .scores import alpha_hat, normalisers
+
+# The measured largest difference is doubled for the variants that were not measured in
+# both precisions: they can flip a few more examples than the sampled ones did.
+SAFETY = 2.0
+
+
+@cache
+def simpson_weight_sum(n: int) -> float:
+    """Σ|wₖ| of the Simpson rule over ``n`` points on α̂ ∈ [0, 1] (as ``scores.integrate``
+    computes it): the most an integral moves when every point moves by at most 1."""
+    x = alpha_hat(n)
+    weights = [simpson(np.eye(n)[k], x=x) for k in range(n)]
+    return float(np.sum(np.abs(weights)))
+
+
+@dataclass(frozen=True)
+class PairedVariant:
+    """One variant evaluated in both precisions: (clean, adversarial) accuracy of each."""
+
+    where: str
+    fp32: tuple[float, float]
+    bf16: tuple[float, float]
+
+    @property
+    def delta(self) -> float:
+        return max(abs(a - b) for a, b in zip(self.fp32, self.bf16, strict=True))
+
+
+@dataclass
+class Calibration:
+    """The variants measured in both precisions and the accuracy margin they give."""
+
+    n_examples: int
+    pairs: list[PairedVariant] = field(default_factory=list)
+
+    @property
+    def max_delta(self) -> float:
+        return max((p.delta for p in self.pairs), default=0.0)
+
+    @property
+    def margin(self) -> float:
+        """``d``: the most a bf16 accuracy is taken to differ from fp32's."""
+        return SAFETY * max(self.max_delta, 1.0 / self.n_examples)
+
+    def to_json(self) -> dict[str, object]:
+        deltas = [p.delta for p in self.pairs]
+        return {
+            "variants": len(self.pairs),
+            "max_abs_accuracy_difference": self.max_delta,
+            "mean_abs_accuracy_difference": float(np.mean(deltas)) if deltas else 0.0,
+            "safety_factor": SAFETY,
+            "accuracy_margin": self.margin,
+            "pairs": [
+                {"where": p.where, "fp32": list(p.fp32), "bf16": list(p.bf16)} for p in self.pairs
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class ScoreMargins:
+    """How far each score of one bf16 sweep may be from fp32's."""
+
+    clean: float
+    adversarial: float
+    difference: float
+
+
+def score_margins(
+    sweep: SweepResult, accuracy_margin: float, reference: tuple[float, float]
+) -> ScoreMargins:
+    """Bounds on |φ(bf16) − φ(fp32)| for ``sweep`` when every response value of it is within
+    ``accuracy_margin`` of fp32's and ``reference`` (ψc⁰, ψa⁰) is fp32's own."""
+    psi_c0, psi_a0, _ = normalisers(*reference)
+    s = simpson_weight_sum(len(sweep.thresholds)) * accuracy_margin
+    return ScoreMargins(
+        clean=s / psi_c0, adversarial=s / psi_a0, difference=s / psi_c0 + s / psi_a0
+    )
+
+
+def near_boundary(
+    sweep: SweepResult,
+    margins: ScoreMargins,
+    tolerance: float,
+    check_values: Sequence[tuple[str, float, float, float]] = (),
+) -> list[str]:
+    """What puts ``sweep`` within its margin of a boundary (empty: bf16 decides it as fp32
+    would). ``check_values``: (name, value, boundary, margin) of checks reading the sweep
+    beyond its labels and targeted flag (a score drop against its limit)."""
+    reasons = []
+    for response in ("clean", "adversarial"):
+        m = getattr(margins, response)
+        area = getattr(sweep.antifragile_area, response)
+        phi = getattr(sweep.scores, response)
+        if abs(area - tolerance) <= m:
+            reasons.append(f"{response} antifragile area {area:.4f} within {m:.4f} of {tolerance}")
+        if abs(phi + tolerance) <= m:
+            reasons.append(f"{response} score {phi:.4f} within {m:.4f} of {-tolerance}")
+    if abs(sweep.scores.difference + tolerance) <= margins.difference:
+        reasons.append(
+            f"difference score {sweep.scores.difference:.4f} within {margins.difference:.4f} "
+            f"of {-tolerance}"
+        )
+    for name, value, boundary, margin in check_values:
+        if abs(value - boundary) <= margin:
+            reasons.append(f"{name} {value:.4f} within {margin:.4f} of {boundary}")
+    return reasons
+
+
+def calibration_index(sweep: SweepResult) -> int | None:
+    """The threshold of ``sweep`` evaluated in both precisions: the one whose removed fraction
+    is nearest one half, among those that remove something and not everything."""
+    inside = [(abs(r - 0.5), k) for k, r in enumerate(sweep.removed_fraction) if 0.0 < r < 1.0]
+    return min(inside)[1] if inside else None

@@ -1,0 +1,239 @@
+"""compute.precision: bf16 where the hardware has it, its error calibrated in the run, and
+fp32 confirmation of exactly the sweeps that lie within that error of a boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from inferlink_audit import devices
+from inferlink_audit.audit import AuditSession
+from inferlink_audit.errors import DeviceError, SpecError
+from inferlink_audit.results import SweepResult
+from inferlink_audit.spec_loader import load_spec
+
+from .specs import write_spec
+
+needs_bf16 = pytest.mark.skipif(
+    devices.bf16_unsupported_reason(torch.device("cpu")) is not None,
+    reason="this CPU has no native bf16 (AMX or AVX-512 BF16)",
+)
+
+FILTERS = ["low_pass", "pulse"]
+THRESHOLDS = 7  # odd: Simpson's weights are then all positive and sum to 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_bf16_flags_reads_the_kernels_flags(tmp_path: Path) -> None:
+    with_bf16 = tmp_path / "with"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert devices.cpu_bf16_flags(with_bf16) == ["avx512_bf16"]
+    assert devices.cpu_bf16_flags(without) == []
+    assert devices.cpu_bf16_flags(arm) == ["bf16"]
+    assert devices.cpu_bf16_flags(tmp_path / "missing") == []
+
+
+def test_bf16_refused_on_a_cpu_without_native_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: [])
+    path = write_spec(tmp_path, compute={"precision": "bf16"})
+    session = AuditSession(load_spec(path))
+    with pytest.raises(DeviceError) as info:
+        session.prepared  # noqa: B018  (preparing the session checks the precision)
+    message = str(info.value)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "precision" in text)
+    assert message.startswith(f"{path}:{line}: compute.precision: bf16 is not run on device cpu")
+    assert "neither AMX nor AVX-512 BF16" in message
+    assert "Use compute.precision: fp32" in message
+
+
+def test_confirm_without_bf16_is_a_spec_error(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, compute={"confirm": True})
+    with pytest.raises(SpecError, match=r"compute.*confirm re-runs bf16 sweeps in fp32"):
+        load_spec(path)
+
+
+@dataclass
+class Runs:
+    exact: list[SweepResult]
+    approximate: list[SweepResult]  # bf16, confirm: false
+    confirmed: list[SweepResult]  # bf16 with confirm
+    record: dict[str, Any]  # the confirmed run's results.json "compute"
+    reruns: list[set[tuple[str, str | None]]]  # the scopes each fp32 re-run computed
+    reference: tuple[float, float]  # fp32 unfiltered (clean, adversarial) accuracy
+
+
+def _sweeps(session: AuditSession) -> list[SweepResult]:
+    return [s for f in FILTERS for s in session.sweeps(f, "fgsm_eps0.1")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """The digits example (its model and 360-image test split) at 7 thresholds, three ways."""
+    folder = tmp_path_factory.mktemp("precision")
+    common: dict[str, Any] = {
+        "data": {
+            "source": "sklearn_digits",
+            "batch_size": 360,
+            "normalize": {"mean": [0.5], "std": [0.5]},
+        },
+        "filtering": {"thresholds": THRESHOLDS, "filters": FILTERS},
+    }
+    exact = AuditSession(load_spec(write_spec(folder, "exact.yaml", **common)))
+    approximate = AuditSession(
+        load_spec(
+            write_spec(
+                folder, "bf16.yaml", compute={"precision": "bf16", "confirm": False}, **common
+            )
+        )
+    )
+    confirmed = AuditSession(
+        load_spec(write_spec(folder, "confirm.yaml", compute={"precision": "bf16"}, **common))
+    )
+    reruns: list[set[tuple[str, str | None]]] = []
+    compute = confirmed._compute_sweeps
+
+    def spy(filter_name: Any, attack_id: str, precision: Any = "fp32", only: Any = None) -> Any:
+        if only is not None:
+            reruns.append(set(only))
+        return compute(filter_name, attack_id, precision, only)
+
+    confirmed._compute_sweeps = spy  # type: ignore[method-assign]
+    out = Runs(_sweeps(exact), _sweeps(approximate), _sweeps(confirmed), {}, reruns, (0.0, 0.0))
+    out.record = confirmed.compute_record() or {}
+    out.reference = exact._evaluator("fgsm_eps0.1")[1]
+    return out
+
+
+@needs_bf16
+def test_bf16_accuracies_and_scores_within_the_calibrated_margin_of_fp32(runs: Runs) -> None:
+    margin = runs.record["calibration"]["accuracy_margin"]
+    psi_c0, psi_a0 = runs.reference
+    worst = 0.0
+    for exact, approximate in zip(runs.exact, runs.approximate, strict=True):
+        for a, b in (
+            (exact.clean_accuracy, approximate.clean_accuracy),
+            (exact.adversarial_accuracy, approximate.adversarial_accuracy),
+        ):
+            worst = max(worst, float(np.max(np.abs(np.subtract(a, b)))))
+        # Odd thresholds: Simpson's weights sum to 1, so a score moves by at most d / ψ⁰.
+        assert abs(exact.scores.clean - approximate.scores.clean) <= margin / psi_c0 + 1e-12
+        assert abs(exact.scores.adversarial - approximate.scores.adversarial) <= (
+            margin / psi_a0 + 1e-12
+        )
+    assert worst <= margin
+    assert worst > 0.0  # bf16 did change some prediction, so the comparison means something
+
+
+@needs_bf16
+def test_calibration_pairs_are_fp32_and_bf16_values_of_one_variant(runs: Runs) -> None:
+    calibration = runs.record["calibration"]
+    pairs = calibration["pairs"]
+    assert pairs[0] == {
+        "where": "unfiltered fgsm_eps0.1",
+        "fp32": list(runs.reference),
+        "bf16": pairs[0]["bf16"],
+    }
+    by_where = {
+        f"{s.filter} {s.attack} {s.layer or 'global'}": (exact, s)
+        for exact, s in zip(runs.exact, runs.approximate, strict=True)
+    }
+    for pair in pairs[1:]:
+        where, k = pair["where"].rsplit(" threshold ", 1)
+        exact, approximate = by_where[where]
+        index = int(k)
+        assert pair["fp32"] == [exact.clean_accuracy[index], exact.adversarial_accuracy[index]]
+        assert pair["bf16"] == [
+            approximate.clean_accuracy[index],
+            approximate.adversarial_accuracy[index],
+        ]
+    assert len(pairs) == 1 + len(runs.exact)
+    deltas = [max(abs(a - b) for a, b in zip(p["fp32"], p["bf16"], strict=True)) for p in pairs]
+    assert calibration["accuracy_margin"] == pytest.approx(2 * max(max(deltas), 1 / 360))
+
+
+def _near(sweep: SweepResult, margin: float, reference: tuple[float, float]) -> bool:
+    """Independently of precision.py: any label or targeted quantity within its margin."""
+    tau = 0.05
+    mc, ma = margin / reference[0], margin / reference[1]
+    return (
+        abs(sweep.antifragile_area.clean - tau) <= mc
+        or abs(sweep.scores.clean + tau) <= mc
+        or abs(sweep.antifragile_area.adversarial - tau) <= ma
+        or abs(sweep.scores.adversarial + tau) <= ma
+        or abs(sweep.scores.difference + tau) <= mc + ma
+    )
+
+
+def _margins_in_effect(runs: Runs) -> list[float]:
+    """Per sweep, 2·max(|Δ|, 1/n) over the pairs measured up to its filter's group: the
+    calibration grows as the run computes sweeps, and each group is decided with what it has."""
+    pairs = runs.record["calibration"]["pairs"]
+    out = []
+    for s in runs.approximate:
+        done = FILTERS[: FILTERS.index(s.filter) + 1]
+        deltas = [
+            max(abs(a - b) for a, b in zip(p["fp32"], p["bf16"], strict=True))
+            for p in pairs
+            if p["where"].startswith("unfiltered") or p["where"].split()[0] in done
+        ]
+        out.append(2 * max(max(deltas), 1 / 360))
+    return out
+
+
+@needs_bf16
+def test_confirm_reruns_exactly_the_sweeps_within_the_margin(runs: Runs) -> None:
+    margins = _margins_in_effect(runs)
+    assert [r["accuracy_margin"] for r in runs.record["sweeps"]] == pytest.approx(margins)
+    near = [_near(s, m, runs.reference) for s, m in zip(runs.approximate, margins, strict=True)]
+    assert any(near) and not all(near)  # the case holds both kinds of sweep
+    expected = {
+        f: {
+            (s.scope, s.layer)
+            for s, n in zip(runs.approximate, near, strict=True)
+            if n and s.filter == f
+        }
+        for f in FILTERS
+    }
+    assert runs.reruns == [expected[f] for f in FILTERS if expected[f]]
+    for exact, approximate, final, n in zip(
+        runs.exact, runs.approximate, runs.confirmed, near, strict=True
+    ):
+        kept = exact if n else approximate
+        assert (final.clean_accuracy, final.adversarial_accuracy) == (
+            kept.clean_accuracy,
+            kept.adversarial_accuracy,
+        )
+        assert (final.labels, final.targeted) == (kept.labels, kept.targeted)
+    record = runs.record["sweeps"]
+    assert [r["confirmed"] for r in record] == near
+    assert [r["precision"] for r in record] == ["fp32" if n else "bf16" for n in near]
+    assert runs.record["confirmed"] == sum(near)
+    assert runs.record["memory_format"] == "channels_last"
+
+
+@needs_bf16
+def test_final_labels_after_confirm_equal_exact_fp32(runs: Runs) -> None:
+    assert [(s.labels, s.targeted) for s in runs.confirmed] == [
+        (s.labels, s.targeted) for s in runs.exact
+    ]
