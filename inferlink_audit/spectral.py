@@ -26,6 +26,8 @@ import math
 import operator
 import os
 import re
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -239,7 +241,10 @@ def operator_norm(
     """
     shape = tuple(int(d) for d in input_shape)
     # The adjoint is the vector-Jacobian product of the (linear) map, taken from one recorded
-    # graph. Plain autograd rather than torch.func.vjp, which imports TorchDynamo (~1.5 s).
+    # graph. Plain autograd rather than torch.func.vjp, which imports TorchDynamo (~1.5 s); and
+    # as the gradient of <out, y> rather than with ``grad_outputs=y``, whose shape check imports
+    # torch.fx.experimental.symbolic_shapes and SymPy (~1 s). The two are bit-identical: the
+    # gradient reaching ``out`` is 1·y.
     zero = torch.zeros(shape, dtype=torch.float64, device=device, requires_grad=True)
     with torch.enable_grad():
         out = apply(zero)
@@ -247,7 +252,9 @@ def operator_norm(
     def adjoint(y: torch.Tensor) -> tuple[torch.Tensor]:
         if not out.requires_grad:  # a map that ignores its input: its adjoint is zero
             return (torch.zeros_like(zero),)
-        (x,) = torch.autograd.grad(out, zero, grad_outputs=y, retain_graph=True, allow_unused=True)
+        with torch.enable_grad():  # callers may run under no_grad
+            inner = (out * y).sum()
+        (x,) = torch.autograd.grad(inner, zero, retain_graph=True, allow_unused=True)
         return (torch.zeros_like(zero) if x is None else x,)
 
     out_shape, n_in, n_out = tuple(out.shape), math.prod(shape), out.numel()
@@ -461,6 +468,48 @@ def _source(node: fx.Node) -> tuple[str, str, str] | None:
     torch_dir = os.path.dirname(torch.__file__)
     user = [frame for frame in frames if not frame[0].startswith(torch_dir)]
     return user[-1] if user else None
+
+
+class _SourceTracer(fx.Tracer):
+    """An fx tracer that records on each node the model's source frames that created it.
+
+    fx's own ``record_stack_traces`` filters the frames through
+    ``torch.fx.experimental.symbolic_shapes``, whose import loads TorchDynamo and TorchInductor
+    (seconds of an audit that never compiles); ``_source`` needs only the frames from the
+    first ``forward`` inwards outside torch, which a walk of the Python stack gives.
+    """
+
+    def create_node(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+    ) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if not node.stack_trace:
+            node.stack_trace = _model_frames(sys._getframe(1))
+        return node
+
+
+def _model_frames(frame: Any) -> str | None:
+    """``frame`` and its callers from the outermost ``forward`` inwards, less torch's own
+    frames, formatted as a traceback (fx's ``stack_trace`` format); None outside a forward."""
+    frames = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    frames.reverse()  # outermost first
+    first = next((i for i, f in enumerate(frames) if f.f_code.co_name == "forward"), None)
+    if first is None:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    summary = traceback.StackSummary.extract(
+        (f, f.f_lineno) for f in frames[first:] if not f.f_code.co_filename.startswith(torch_dir)
+    )
+    return "".join(summary.format()).strip() or None
 
 
 def _where(node: fx.Node) -> str:
@@ -877,8 +926,7 @@ def _compose(
 ) -> tuple[float | None, str | None]:
     """Bound the network by running its fx graph on ``example`` with a bound per node;
     ``output`` is the model's own output on it, which the graph must reproduce."""
-    tracer = fx.Tracer()
-    tracer.record_stack_traces = True
+    tracer = _SourceTracer()
     try:
         graph = tracer.trace(model)
     except Exception as exc:

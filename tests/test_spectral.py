@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -410,3 +413,25 @@ def test_dropout_in_training_mode_makes_the_bound_unavailable():
     result = lipschitz_bounds(net, torch.rand(1, 6), layers=["0"])
     assert result.network_upper_bound is None
     assert "computes a different output than the model" in result.reason
+
+
+def test_network_bound_loads_neither_the_compiler_nor_sympy():
+    # fx's record_stack_traces and autograd's grad_outputs shape check import TorchDynamo,
+    # TorchInductor and SymPy (seconds of an audit's start); the bound gets its source lines and
+    # adjoints without them. A fresh process, since another test may have loaded them here.
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "from inferlink_audit.spectral import lipschitz_bounds\n"
+        "net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))\n"
+        "result = lipschitz_bounds(net, torch.rand(1, 1, 4, 4), layers=['0', '3'])\n"
+        "assert result.network_upper_bound is not None, result.reason\n"
+        "heavy = ('torch._dynamo', 'torch._inductor', 'sympy')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
