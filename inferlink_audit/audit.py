@@ -13,8 +13,8 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -68,6 +68,16 @@ from .results import (
     read_results,
 )
 from .scores import Members, scope_members, score_curves
+from .sequential import (
+    RoundPlan,
+    accuracy_decided,
+    accuracy_rounds_note,
+    group_settled,
+    look_confidence,
+    merge_rounds,
+    rounds_until,
+    run_in_rounds,
+)
 from .spec import DEFAULT_FGSM_EPS, AttackSpec, AuditSpec, CurveSpec, FGSMSpec
 from .spec_loader import load_spec, locate_message, located_errors
 from .spectral import lipschitz_bounds
@@ -295,11 +305,12 @@ class AuditSession:
             p = self.prepared
             correct = 0
             with torch.inference_mode():
-                for _, xb, yb in self.share.batches():
+                # the rounds read ``correct`` as it stands when each round ends
+                for _, xb, yb in self._clean_batches(lambda: correct):  # noqa: B023
                     correct += int((p.loaded.module(xb).argmax(1) == yb).sum())
             if self.ranks is not None:
                 correct = int(self.ranks.gather(np.array([correct]))[0].sum())
-            self._clean = correct / p.data.n
+            self._clean = correct / self.examples_used(None)
         return self._clean
 
     def attack_result(self, attack_id: str) -> AttackResult:
@@ -320,7 +331,8 @@ class AuditSession:
             l2: list[torch.Tensor] = []
             still_correct: list[torch.Tensor] = []
             with frozen_parameters(model):
-                for _, xb, yb, out in self.share.attacked(attack, model):
+                batches = self._attacked_batches(attack_id, attack, model, lambda: correct)
+                for _, xb, yb, out in batches:
                     x_adv = out.adversarial
                     with torch.inference_mode():
                         # FGSM, PGD and L-BFGS already ran the clean forward pass
@@ -338,6 +350,7 @@ class AuditSession:
                     rms.append(diff.pow(2).mean(1).sqrt().cpu())
                     linf.append(diff.abs().amax(1).cpu())
                     l2.append(diff.norm(dim=1).cpu())
+            rms, linf, l2 = self._in_test_order(rms, linf, l2)
             if self.ranks is not None:  # every rank's counts and distortions, in example order
                 counts, *values = self.ranks.gather(
                     np.array([correct, clean_correct, flipped]),
@@ -351,7 +364,7 @@ class AuditSession:
                 id=attack_id,
                 kind=spec.kind,
                 params=spec.model_dump(mode="json"),
-                accuracy=correct / p.data.n,
+                accuracy=correct / self.examples_used(attack_id),
                 success_rate=flipped / clean_correct if clean_correct else 0.0,
                 distortion_rms=float(torch.cat(rms).mean()),
                 distortion_linf=float(torch.cat(linf).mean()),
@@ -586,6 +599,12 @@ class AuditSession:
         }
         if spec.compute.precision != "fp32":  # fp32 keeps the keys of earlier versions
             relevant["compute"] = spec.compute.model_dump(mode="json")
+        if self._plan is not None:  # where a sequential sweep stops depends on all of these
+            relevant["sequential"] = {
+                "statistics": self.statistics_record(),
+                "checks": spec.checks.model_dump(mode="json"),
+                "baseline": None if spec.baseline is None else str(spec.baseline),
+            }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
     def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]:
@@ -602,7 +621,7 @@ class AuditSession:
                 cached = None  # every rank computes the sweep, or none does
             if cached is None:
                 t0 = time.perf_counter()
-                cached = self._compute_in_precision(filter_name, attack_id)  # type: ignore[arg-type]
+                cached = self._in_rounds(filter_name, attack_id, self._compute_in_precision)
                 where = f"sweeps of {filter_name} under {attack_id}"
                 verify_unchanged(self.prepared.loaded.module, self.prepared.digest, where)
                 self.timings[f"sweep {filter_name} {attack_id}"] = time.perf_counter() - t0
@@ -630,13 +649,13 @@ class AuditSession:
         t0 = time.perf_counter()
         tolerance = self.spec.filtering.tolerance
         draws = [
-            bootstrap_sweep(s.outcomes, s.removed_fraction, self._resample_weights, tolerance)
+            bootstrap_sweep(s.outcomes, s.removed_fraction, self._weights(s.outcomes.n), tolerance)
             for s in sweeps
             if s.outcomes is not None
         ]
         self._draws[key] = draws
         out = [
-            replace(s, statistics=sweep_statistics(s.outcomes, d, stats.confidence))
+            replace(s, statistics=sweep_statistics(s.outcomes, d, self.confidence))
             for s, d in zip(sweeps, draws, strict=True)
             if s.outcomes is not None
         ]
@@ -662,22 +681,217 @@ class AuditSession:
         stats = self.spec.statistics
         if stats is None:
             return None
-        return accuracy_interval(self.clean_accuracy(), self.prepared.data.n, stats.confidence)
+        return accuracy_interval(self.clean_accuracy(), self.examples_used(None), self.confidence)
 
     def with_interval(self, attack: AttackResult) -> AttackResult:
         """``attack`` with the Wilson interval of its accuracy, when the spec asks for them."""
         stats = self.spec.statistics
         if stats is None:
             return attack
-        n = self.prepared.data.n
-        return replace(attack, accuracy_ci=accuracy_interval(attack.accuracy, n, stats.confidence))
+        n = self.examples_used(attack.id)
+        return replace(attack, accuracy_ci=accuracy_interval(attack.accuracy, n, self.confidence))
 
     def sampling(self) -> Sampling | None:
         """What the checks need for intervals and decisions; None without ``statistics:``."""
         stats = self.spec.statistics
         if stats is None:
             return None
-        return Sampling(stats.confidence, stats.decide, self.prepared.data.n, self.sweep_draws)
+        return Sampling(
+            self.confidence,
+            stats.decide,
+            self.prepared.data.n,
+            self.sweep_draws,
+            examples=self.examples_used if self._plan is not None else None,
+        )
+
+    # ----------------------------------------------------------------- sequential evaluation
+    _round_open: set[str | None] | None = None  # in a round: the sweeps (by layer) still open
+
+    @cached_property
+    def _plan(self) -> RoundPlan | None:
+        """The rounds of ``statistics.sequential`` (None without it)."""
+        stats = self.spec.statistics
+        if stats is None or stats.sequential is None:
+            return None
+        if getattr(self, "ranks", None) is not None:
+            raise AuditError(
+                f"{self.spec.source_path or self.spec.name}: statistics.sequential does not run "
+                "under torchrun yet: run the audit in one process, or remove the key"
+            )
+        data, sequential = self.prepared.data, stats.sequential
+        return RoundPlan.of(
+            data.n, sequential.round, sequential.block, data.batch_size, self.spec.seed
+        )
+
+    @property
+    def confidence(self) -> float:
+        """The confidence of every interval: the spec's, or in a sequential run the per-look
+        confidence that keeps all looks together at the spec's (docs/method.md §8)."""
+        stats = self.spec.statistics
+        assert stats is not None
+        plan = self._plan
+        return stats.confidence if plan is None else look_confidence(stats.confidence, plan.rounds)
+
+    def _weights(self, n: int) -> Any:
+        """Bootstrap weights for sweeps measured on ``n`` examples: the whole test set's
+        shared resample, or one shared by every sweep that stopped at ``n``."""
+        if n == self.prepared.data.n:
+            return self._resample_weights
+        if n not in self._partial_weights:
+            assert self.spec.statistics is not None
+            indices = resample_indices(n, self.spec.statistics.resamples, self.spec.seed)
+            self._partial_weights[n] = resample_weights(indices)
+        return self._partial_weights[n]
+
+    @cached_property
+    def _partial_weights(self) -> dict[int, Any]:
+        return {}
+
+    @cached_property
+    def _examples(self) -> dict[str | None, int]:
+        return {}
+
+    @cached_property
+    def _round_states(self) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
+        return {}
+
+    def examples_used(self, attack_id: str | None) -> int:
+        """Examples an unfiltered accuracy was measured on (None: the clean accuracy)."""
+        return self._examples.get(attack_id, self.prepared.data.n)
+
+    @contextmanager
+    def _round(self, r: int, open_keys: list[str | None]) -> Iterator[None]:
+        """Inside, the session evaluates round ``r``'s examples only (its own evaluators,
+        kept for the other filters' rounds), and only the sweeps ``open_keys``."""
+        assert self._plan is not None
+        p = self.prepared
+        full, share = p.data, self.__dict__.get("share")
+        saved = (self._evaluators, self._unfiltered_outcomes)
+        self._evaluators, self._unfiltered_outcomes = self._round_states.setdefault(r, ({}, {}))
+        p.data = self.__dict__["share"] = self._plan.data(full, r)
+        self._round_open = set(open_keys)
+        try:
+            yield
+        finally:
+            p.data = full
+            self.__dict__.pop("share")
+            if share is not None:
+                self.__dict__["share"] = share
+            self._evaluators, self._unfiltered_outcomes = saved
+            self._round_open = None
+
+    def _in_rounds(
+        self,
+        filter_name: str,
+        attack_id: str,
+        compute: Callable[[FilterName, str], list[SweepResult]],
+    ) -> list[SweepResult]:
+        """``compute``'s sweeps on the whole test set, or with ``statistics.sequential`` round
+        by round until each is decided (sequential.py)."""
+        plan = self._plan
+        if plan is None:
+            return compute(filter_name, attack_id)  # type: ignore[arg-type]
+        keys: list[str | None] = []
+        if "local" in self.spec.filtering.scopes:
+            keys += [layer.name for layer in self.prepared.layers]
+        if "global" in self.spec.filtering.scopes:
+            keys.append(None)
+        tolerance = self.spec.filtering.tolerance
+
+        def evaluate_round(r: int, open_keys: list[Any]) -> dict[Any, SweepResult]:
+            with self._round(r, open_keys):
+                return {s.layer: s for s in compute(filter_name, attack_id)}  # type: ignore[arg-type]
+
+        def draws_of(sweep: SweepResult) -> SweepDraws:
+            assert sweep.outcomes is not None
+            weights = self._weights(sweep.outcomes.n)
+            return bootstrap_sweep(sweep.outcomes, sweep.removed_fraction, weights, tolerance)
+
+        sampling = self.sampling()
+        assert sampling is not None
+        group = (filter_name, attack_id)
+        settled = group_settled(self, group, plan_checks(self.spec), sampling, draws_of)
+        return run_in_rounds(
+            keys, plan, evaluate_round, lambda parts: merge_rounds(parts, plan, tolerance), settled
+        )
+
+    def _unfiltered_parts(self, attack_id: str | None, correct: Callable[[], int]) -> Any:
+        """The data an unfiltered accuracy is measured on: the whole (share of the) test set,
+        or with ``statistics.sequential`` and a check on that accuracy, rounds until the check
+        is certain at the look confidence."""
+        checks = self.spec.checks
+        limit = checks.min_clean_accuracy if attack_id is None else checks.min_adversarial_accuracy
+        plan = self._plan
+        if plan is None or limit is None:
+            yield getattr(self, "share", self.prepared.data)
+            return
+
+        def decided(used: int) -> bool:
+            self._examples[attack_id] = used
+            return accuracy_decided(correct(), used, limit, self.confidence)
+
+        yield from rounds_until(plan, self.prepared.data, decided)
+
+    def _clean_batches(self, correct: Callable[[], int]) -> Any:
+        for data in self._unfiltered_parts(None, correct):
+            yield from data.batches()
+
+    def _attacked_batches(
+        self, attack_id: str, attack: Attack, model: torch.nn.Module, correct: Callable[[], int]
+    ) -> Any:
+        self._starts_seen: list[int] = []
+        for data in self._unfiltered_parts(attack_id, correct):
+            for index, *rest in data.attacked(attack, model):
+                self._starts_seen.append(data.offset(index))
+                yield index, *rest
+
+    def _in_test_order(self, *per_batch: list[torch.Tensor]) -> Any:
+        """Per-batch values put back in the test set's order (rounds visit blocks out of
+        order), so that their means are summed as in the full run, bit for bit."""
+        order = np.argsort(self._starts_seen, kind="stable")
+        return [[values[i] for i in order] for values in per_batch]
+
+    def _noted(self, planned: PlannedCheck, result: CheckResult) -> CheckResult:
+        """In a sequential run, the check's detail says how many examples decided it."""
+        plan = self._plan
+        if plan is None or not is_check(planned):
+            return result
+        if planned.check in ("min_clean_accuracy", "min_adversarial_accuracy"):
+            used = self.examples_used(planned.attack)
+            return replace(result, detail=f"{result.detail}; {accuracy_rounds_note(used, plan.n)}")
+        if planned.filter is None or planned.attack is None:
+            return result
+        used_by = [
+            s.sequential.examples
+            for s in self.sweeps(planned.filter, planned.attack)
+            if s.sequential is not None
+        ]
+        if not used_by:
+            return result
+        lo, hi = min(used_by), max(used_by)
+        span = f"{lo}" if lo == hi else f"{lo}–{hi}"
+        note = f"sequential: sweeps on {span} of {plan.n} examples"
+        return replace(result, detail=f"{result.detail}; {note}")
+
+    def statistics_record(self) -> dict[str, Any] | None:
+        """``statistics`` of results.json: the spec's settings, and in a sequential run the
+        rounds, the per-look confidence and the examples each unfiltered accuracy used."""
+        stats = self.spec.statistics
+        if stats is None:
+            return None
+        record = stats.model_dump(mode="json", exclude_none=True)
+        plan = self._plan
+        if plan is not None:
+            record["sequential"] |= {
+                "block": plan.block,
+                "rounds": plan.rounds,
+                "look_confidence": self.confidence,
+                "examples": {
+                    "clean_accuracy": self.examples_used(None),
+                    **{a.id: self.examples_used(a.id) for a in self.spec.attack_specs},
+                },
+            }
+        return record
 
     def _evaluator(
         self, attack_id: str, precision: Literal["fp32", "bf16"] = "fp32"
@@ -867,6 +1081,8 @@ class AuditSession:
             if "global" in filtering.scopes:
                 scopes.append(("global", None, p.layers))
             for scope, layer_name, layers in scopes:
+                if self._round_open is not None and layer_name not in self._round_open:
+                    continue  # a sequential sweep already decided
                 if only is not None and (scope, layer_name) not in only:
                     continue
                 # A tensor tied into several layers is one tensor of the scope, counted once.
@@ -954,7 +1170,7 @@ class AuditSession:
 
     # ----------------------------------------------------------------- the whole audit
     def evaluate(self, planned: PlannedCheck) -> CheckResult:
-        return evaluate_check(planned, self)
+        return self._noted(planned, evaluate_check(planned, self))
 
     def model_result(self, checks: list[CheckResult]) -> ModelResult:
         """Everything the spec asks for, computing what no item has computed yet."""
@@ -967,7 +1183,6 @@ class AuditSession:
             for s in self.sweeps(f, a.id)
         ]
         p = self.prepared
-        stats = spec.statistics
         attacks = [self.with_interval(a) for a in attacks]
         return ModelResult(
             name=spec.name,
@@ -987,7 +1202,7 @@ class AuditSession:
             values=spec.filtering.values,
             adversarial_source=spec.filtering.adversarial_source,
             clean_accuracy_ci=self.clean_accuracy_interval(),
-            statistics=None if stats is None else stats.model_dump(mode="json"),
+            statistics=self.statistics_record(),
             eps_curves=self.eps_curves(),
             compute=self.compute_record(),
             units=self.unit_semantics(),

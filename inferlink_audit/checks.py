@@ -494,7 +494,8 @@ def interval_of(
     is not a sample of the test set (the Lipschitz bound) or cannot be resampled here."""
     confidence, check = sampling.confidence, planned.check
     if check in ("min_clean_accuracy", "min_adversarial_accuracy"):
-        return accuracy_interval(result.measured, sampling.n, confidence)
+        n = sampling.n if sampling.examples is None else sampling.examples(planned.attack)
+        return accuracy_interval(result.measured, n, confidence)
     if check == "max_fragile_fraction":
         pairs = _local_draws(planned, m, sampling)
         members = m.scope_members()

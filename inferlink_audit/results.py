@@ -172,6 +172,21 @@ class SweepResult:
     statistics: SweepStatistics | None = None
     # Per-example outcomes (memory and sweep cache only; never written to results.json).
     outcomes: SweepOutcomes | None = field(default=None, repr=False, compare=False)
+    # With ``statistics.sequential``: how many examples the sweep used and why it stopped.
+    sequential: SequentialRecord | None = None
+
+
+@dataclass(frozen=True)
+class SequentialRecord:
+    """How a sweep of a sequential run ended (docs/method.md §8): ``examples`` used (the first
+    ones of the seeded order, or all), after ``rounds`` rounds; ``stopped_early`` when fewer
+    than the test set; ``decided`` when its labels, targeted flag and the checks reading it
+    were all certain at the last look (False: the data ran out first, it is uncertain)."""
+
+    examples: int
+    rounds: int
+    stopped_early: bool
+    decided: bool
 
 
 @dataclass(frozen=True)
@@ -332,6 +347,7 @@ _OPTIONAL = (
     "examples",
     "examples_count",
     "eps_curves",
+    "sequential",
     "compute",
     "units",
 )
@@ -417,6 +433,8 @@ def sweep_from_dict(s: dict[str, Any]) -> SweepResult:
         s["statistics"] = SweepStatistics(**s["statistics"])
     if s.get("outcomes") is not None:
         s["outcomes"] = SweepOutcomes.from_json(s["outcomes"])
+    if s.get("sequential") is not None:
+        s["sequential"] = SequentialRecord(**s["sequential"])
     return SweepResult(**s)
 
 

@@ -803,6 +803,23 @@ class ReportSpec(_Strict):
     )
 
 
+class SequentialSpec(_Strict):
+    """Sequential evaluation: the test set in rounds, each sweep stopping once everything that
+    reads it is decided (docs/method.md §8, sequential.py)."""
+
+    round: Annotated[int, Field(ge=1)] = Field(
+        default=256,
+        description="examples added to every undecided sweep per round (whole blocks: "
+        "rounded up to a multiple of block)",
+    )
+    block: Annotated[int, Field(ge=1)] = Field(
+        default=32,
+        description="consecutive test examples kept together: the seeded order permutes "
+        "blocks, and a round's batches are cut at block starts so each example is attacked "
+        "exactly as in the full run (capped by data.batch_size)",
+    )
+
+
 class StatisticsSpec(_Strict):
     """How sure each number and decision is (opt-in; docs/method.md). The seed is the spec's."""
 
@@ -818,6 +835,11 @@ class StatisticsSpec(_Strict):
         default="estimate",
         description="estimate (compare the estimate), strict (pass only if sure) or lenient (fail "
         "only if sure)",
+    )
+    sequential: SequentialSpec | None = Field(
+        default=None,
+        description="evaluate in rounds and stop each sweep once its labels, targeted flag "
+        "and checks are decided at the confidence (Bonferroni over the rounds)",
     )
 
 
@@ -1001,6 +1023,13 @@ class AuditSpec(_Strict):
             raise ValueError(
                 f"checks {', '.join(needs_baseline)} compare with a released model: "
                 "set 'baseline: path/to/results.json'"
+            )
+        sequential = self.statistics is not None and self.statistics.sequential is not None
+        if sequential and self.filtering.fast:
+            raise ValueError(
+                "statistics.sequential decides each sweep from its per-example outcomes, which "
+                "filtering.fast's batched passes do not keep: remove filtering.fast, or "
+                "statistics.sequential"
             )
         if self.remediation is not None and self.data.train is None:
             raise ValueError("remediation retrains the model: set data.train (the training split)")

@@ -195,6 +195,9 @@ class Sampling:
     decide: Decide
     n: int  # examples in the test set
     draws: Callable[[str, str], list[SweepDraws]]  # (filter, attack) -> aligned with sweeps
+    # Examples an unfiltered accuracy was measured on (None: clean accuracy, else the attack),
+    # when that is not ``n`` (``statistics.sequential`` stops those too once decided).
+    examples: Callable[[str | None], int] | None = None
 
 
 def fragile_fraction_draws(

@@ -173,7 +173,7 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
     if spec.statistics is not None:
         with contextlib.suppress(AuditError):
             statistics["clean_accuracy_ci"] = session.clean_accuracy_interval()
-        statistics["statistics"] = spec.statistics.model_dump(mode="json")
+        statistics["statistics"] = session.statistics_record()
     return {
         "name": spec.name,
         "checkpoint_sha256": prepared.loaded.checkpoint_sha256,
