@@ -569,7 +569,7 @@ def _units_view(units: UnitSemanticsResult | None) -> dict[str, Any] | None:
         f"test set. Directions: {len(units.directions)} random unit vectors drawn from seed "
         f"{units.seed}. Each row shows the {units.k} test images with the largest activation "
         "(units) or projection (directions), largest first, with the example's index, class "
-        "and value (docs/method.md §9)."
+        "and value, and how many of them share the row's most common class (docs/method.md §9)."
     )
 
     def row(top: Any, label: str) -> dict[str, Any]:
@@ -586,7 +586,22 @@ def _units_view(units: UnitSemanticsResult | None) -> dict[str, Any] | None:
                     "title": f"test example {text}: {fmt_num(value)}",
                 }
             )
-        return {"label": label, "examples": examples}
+        alike = (
+            ""
+            if top.majority_share is None
+            else f"class {top.majority_class}: {round(top.majority_share * len(top.examples))}"
+            f"/{len(top.examples)}"
+        )
+        return {"label": label, "alike": alike, "examples": examples}
+
+    def share(rows: list[Any]) -> str:
+        shares = [r.majority_share for r in rows if r.majority_share is not None]
+        return fmt_pct(sum(shares) / len(shares)) if shares else "—"
+
+    summary = (
+        f"Share of the top {units.k} images in their row's most common class, on average: "
+        f"units {share(units.units)}, random directions {share(units.directions)}."
+    )
 
     groups = [
         (
@@ -595,7 +610,13 @@ def _units_view(units: UnitSemanticsResult | None) -> dict[str, Any] | None:
         ),
         ("Random directions", [row(d, f"direction {d.index}") for d in units.directions]),
     ]
-    return {"point": UNITS_POINT, "method": method, "groups": groups, "note": units.image_note}
+    return {
+        "point": UNITS_POINT,
+        "method": method,
+        "summary": summary,
+        "groups": groups,
+        "note": units.image_note,
+    }
 
 
 def _eps_view(model: ModelResult, index: int) -> dict[str, Any] | None:

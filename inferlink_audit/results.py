@@ -259,6 +259,10 @@ class TopExamples:
     examples: list[int]  # indices into the test set as loaded (after ``limit``)
     values: list[float]  # the activation (unit) or projection (direction) of each
     variance: float | None = None  # for a unit: its variance over the test set
+    # The most common class among ``examples`` (ties: the smaller class) and its share: how
+    # alike the row's images are, for comparing units with directions.
+    majority_class: int | None = None
+    majority_share: float | None = None
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,11 @@ import base64
 import difflib
 import io
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,6 +231,7 @@ def unit_semantics(
     state = _accumulate(model, layer_module, layer, batches, directions=directions, k=k, seed=seed)
     variance = state.moments.variance
     chosen = torch.sort(variance, descending=True, stable=True).indices[:units].tolist()
+    labels = y.tolist()
     unit_rows = [
         TopExamples(
             kind="unit",
@@ -236,6 +239,7 @@ def unit_semantics(
             examples=state.units.indices[i].tolist(),
             values=state.units.values[i].tolist(),
             variance=float(variance[i]),
+            **_majority(state.units.indices[i].tolist(), labels),
         )
         for i in chosen
     ]
@@ -245,6 +249,7 @@ def unit_semantics(
             index=j,
             examples=state.projections.indices[j].tolist(),
             values=state.projections.values[j].tolist(),
+            **_majority(state.projections.indices[j].tolist(), labels),
         )
         for j in range(directions)
     ]
@@ -263,8 +268,15 @@ def unit_semantics(
         direction_vectors=state.directions.tolist(),
         images=images,
         image_note=note,
-        labels={str(i): int(y[i]) for i in shown},
+        labels={str(i): int(labels[i]) for i in shown},
     )
+
+
+def _majority(examples: list[int], labels: list[int]) -> dict[str, Any]:
+    """The most common class among ``examples`` (ties: the smaller class) and its share."""
+    counts = Counter(labels[i] for i in examples)
+    cls = min(counts, key=lambda c: (-counts[c], c))
+    return {"majority_class": int(cls), "majority_share": counts[cls] / len(examples)}
 
 
 # --------------------------------------------------------------------------- images

@@ -199,6 +199,35 @@ def test_the_audit_item_passes_and_records_the_result(session: AuditSession) -> 
     assert state_digest(p.loaded.module) == p.digest
     shown = {i for row in [*result.units, *result.directions] for i in row.examples}
     assert result.labels == {str(i): int(p.data.y[i]) for i in sorted(shown)}
+    for row in [*result.units, *result.directions]:
+        classes = [int(p.data.y[i]) for i in row.examples]
+        top = max(sorted(set(classes)), key=classes.count)  # the smaller class on a tie
+        assert (row.majority_class, row.majority_share) == (top, classes.count(top) / 5)
+
+
+def test_the_plugin_report_gets_the_units_from_the_items(session: AuditSession) -> None:
+    from pytest_inferlink.assemble import assemble_result, build_payload
+
+    payloads = []
+    for index, planned in enumerate(plan_checks(session.spec)):
+        text = build_payload(
+            spec=session.spec,
+            spec_index=0,
+            planned=planned,
+            plan_index=index,
+            session=session,
+            result=session.evaluate(planned),
+            error=None,
+            computed=False,
+            from_cache=False,
+            session_id="units",
+            seq=index,
+        )
+        payloads.append(json.loads(text))
+    result = assemble_result(payloads, seconds=0.0)
+    assert result is not None
+    assert result.models[0].units == session.computed_units
+    assert [c.id for c in result.models[0].checks] == ["min_clean_accuracy"]
 
 
 def test_results_json_keeps_the_units(session: AuditSession, tmp_path: Path) -> None:
@@ -233,6 +262,14 @@ def test_the_report_shows_a_grid_of_the_digits(session: AuditSession) -> None:
     images = _pngs(html)
     assert len(images) == (3 + 2) * 5  # one per example of each unit's and direction's row
     assert "individual units carry no special meaning" in html
+    mean = {
+        kind: sum(r.majority_share or 0.0 for r in rows) / len(rows)
+        for kind, rows in (("units", units.units), ("directions", units.directions))
+    }
+    assert (
+        f"on average: units {100 * mean['units']:.1f}%, "
+        f"random directions {100 * mean['directions']:.1f}%." in html
+    )
     assert 'id="units"' in html
     first = units.units[0].examples[0]
     x = session.prepared.data.x[first, 0].double().numpy()  # input units in [0, 1]
