@@ -71,7 +71,6 @@ from .scores import Members, scope_members, score_curves
 from .sequential import (
     RoundPlan,
     accuracy_decided,
-    accuracy_rounds_note,
     group_settled,
     look_confidence,
     merge_rounds,
@@ -820,7 +819,11 @@ class AuditSession:
         or with ``statistics.sequential`` and a check on that accuracy, rounds until the check
         is certain at the look confidence."""
         checks = self.spec.checks
-        limit = checks.min_clean_accuracy if attack_id is None else checks.min_adversarial_accuracy
+        limit = (
+            checks.min_clean_accuracy
+            if attack_id is None
+            else checks.min_adversarial_limit(self.spec.attack(attack_id))
+        )
         plan = self._plan
         if plan is None or limit is None:
             yield getattr(self, "share", self.prepared.data)
@@ -851,26 +854,35 @@ class AuditSession:
         order = np.argsort(self._starts_seen, kind="stable")
         return [[values[i] for i in order] for values in per_batch]
 
-    def _noted(self, planned: PlannedCheck, result: CheckResult) -> CheckResult:
-        """In a sequential run, the check's detail says how many examples decided it."""
+    def examples_deciding(self, planned: PlannedCheck) -> str | None:
+        """In a sequential run, the examples a check was decided on ("128", or "192–360" across
+        the sweeps it reads); None otherwise."""
         plan = self._plan
         if plan is None or not is_check(planned):
-            return result
+            return None
         if planned.check in ("min_clean_accuracy", "min_adversarial_accuracy"):
-            used = self.examples_used(planned.attack)
-            return replace(result, detail=f"{result.detail}; {accuracy_rounds_note(used, plan.n)}")
+            return str(self.examples_used(planned.attack))
         if planned.filter is None or planned.attack is None:
-            return result
-        used_by = [
+            return None
+        used = [
             s.sequential.examples
             for s in self.sweeps(planned.filter, planned.attack)
             if s.sequential is not None
         ]
-        if not used_by:
+        if not used:
+            return None
+        lo, hi = min(used), max(used)
+        return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+    def _noted(self, planned: PlannedCheck, result: CheckResult) -> CheckResult:
+        """In a sequential run, the check's detail says how many examples decided it."""
+        used = self.examples_deciding(planned)
+        if used is None:
             return result
-        lo, hi = min(used_by), max(used_by)
-        span = f"{lo}" if lo == hi else f"{lo}–{hi}"
-        note = f"sequential: sweeps on {span} of {plan.n} examples"
+        n = self.prepared.data.n
+        note = f"sequential: decided on {used} of {n} examples"
+        if planned.filter is not None:
+            note = f"sequential: sweeps on {used} of {n} examples"
         return replace(result, detail=f"{result.detail}; {note}")
 
     def statistics_record(self) -> dict[str, Any] | None:
@@ -888,7 +900,7 @@ class AuditSession:
                 "look_confidence": self.confidence,
                 "examples": {
                     "clean_accuracy": self.examples_used(None),
-                    **{a.id: self.examples_used(a.id) for a in self.spec.attack_specs},
+                    **{a.id: self.examples_used(a.id) for a in self.spec.attack_points},
                 },
             }
         return record

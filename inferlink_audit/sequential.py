@@ -205,13 +205,6 @@ def run_in_rounds(
     return out
 
 
-def accuracy_rounds_note(examples: int, n: int) -> str:
-    """What a check's detail adds about the examples that decided it."""
-    if examples >= n:
-        return f"sequential: all {n} examples"
-    return f"sequential: decided on {examples} of {n} examples"
-
-
 # --------------------------------------------------------------------------- a group's looks
 REGRESSION_CHECKS = ("no_new_fragile_layers", "max_score_drop")  # read every scope
 
@@ -246,7 +239,7 @@ class _GroupView:
     def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]:
         if (filter_name, attack_id) == self._group:
             return self._sweeps
-        return self._measurements.sweeps(filter_name, attack_id)  # type: ignore[no-any-return]
+        return self._measurements.sweeps(filter_name, attack_id)
 
     def sampling(self) -> Sampling:
         return self._sampling

@@ -63,6 +63,23 @@ def label_table(model: ModelResult) -> list[str]:
     return lines
 
 
+def sequential_line(model: ModelResult) -> str | None:
+    """What a sequential run used (``statistics.sequential``): examples per unfiltered
+    accuracy, sweeps decided early and sweeps the test set ran out on; None otherwise."""
+    settings = (model.statistics or {}).get("sequential")
+    if not settings or "examples" not in settings:
+        return None
+    records = [s.sequential for s in model.sweeps if s.sequential is not None]
+    early = sum(1 for r in records if r.stopped_early)
+    uncertain = sum(1 for r in records if not r.decided)
+    used = ", ".join(f"{key} {count}" for key, count in settings["examples"].items())
+    return (
+        f"sequential: {used} of {model.n_examples} examples; sweeps: {early} of {len(records)} "
+        f"decided early, {uncertain} uncertain when the data ran out "
+        f"(looks at {settings['look_confidence']:.2%})"
+    )
+
+
 def text_summary(result: AuditResult) -> str:
     out: list[str] = []
     for model in result.models:
@@ -88,6 +105,9 @@ def text_summary(result: AuditResult) -> str:
         if model.statistics is not None:
             counts += f", {len(uncertain)} uncertain at {model.statistics['confidence']:.0%}"
         out.append(f"   checks: {counts}")
+        sequential = sequential_line(model)
+        if sequential:
+            out.append(f"   {sequential}")
         indicators = [c for c in model.checks if c.check in GUIDE]
         if indicators:
             fired = [c.id for c in indicators if not c.passed]

@@ -13,7 +13,15 @@ from inferlink_audit import audit as audit_module
 from inferlink_audit import sequential
 from inferlink_audit.audit import run_audit
 from inferlink_audit.errors import SpecError
-from inferlink_audit.results import Labels, Scores, SweepOutcomes, SweepResult, result_to_dict
+from inferlink_audit.report import render_report
+from inferlink_audit.results import (
+    AuditResult,
+    Labels,
+    Scores,
+    SweepOutcomes,
+    SweepResult,
+    result_to_dict,
+)
 from inferlink_audit.scores import baseline, integrate
 from inferlink_audit.sequential import (
     RoundPlan,
@@ -29,6 +37,7 @@ from inferlink_audit.statistics import (
     resample_indices,
     resample_weights,
 )
+from inferlink_audit.summary import text_summary
 
 from .specs import write_spec
 
@@ -50,11 +59,18 @@ SEQUENTIAL = {"resamples": 200, "sequential": {"round": 64}}
 
 
 def _run(folder: Path, name: str, statistics: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    model, session, _ = _run_result(folder, name, statistics)
+    return model, session
+
+
+def _run_result(
+    folder: Path, name: str, statistics: dict[str, Any]
+) -> tuple[dict[str, Any], Any, AuditResult]:
     path = write_spec(
         folder, name, data=DATA, filtering=FILTERING, checks=CHECKS, statistics=statistics
     )
     result, _, session = run_audit(load_spec(path))
-    return result_to_dict(result)["models"][0], session
+    return result_to_dict(result)["models"][0], session, result
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +118,7 @@ def test_a_sequential_run_that_runs_out_of_rounds_gives_exactly_the_exact_runs_n
 def test_a_clearly_decided_sweep_stops_early_with_the_full_runs_decision(
     tmp_path: Path, exact: dict[str, Any]
 ) -> None:
-    model, _ = _run(tmp_path, "sequential.yaml", SEQUENTIAL)
+    model, _, result = _run_result(tmp_path, "sequential.yaml", SEQUENTIAL)
     stopped = [s for s in model["sweeps"] if s["sequential"]["stopped_early"]]
     assert stopped, "no sweep of the digits example stopped before the data ran out"
     by_layer = {s["layer"]: s for s in exact["sweeps"]}
@@ -118,6 +134,15 @@ def test_a_clearly_decided_sweep_stops_early_with_the_full_runs_decision(
     min_clean = next(c for c in model["checks"] if c["id"] == "min_clean_accuracy")
     assert min_clean["certain"] and min_clean["passed"]
     assert min_clean["detail"].endswith(f"sequential: decided on {clean} of 360 examples")
+    # The terminal summary and the report say what each sweep used.
+    summary = text_summary(result)
+    early = f"sweeps: {len(stopped)} of {len(model['sweeps'])} decided early"
+    assert f"sequential: clean_accuracy {clean}, " in summary and early in summary
+    html = render_report(result, tmp_path).read_text(encoding="utf-8")
+    section = html[html.index('id="sequential"') :]
+    first = stopped[0]
+    assert f"{first['sequential']['examples']} / 360" in section
+    assert "decided early" in section
     # Every certain decision is the full run's decision.
     full_checks = {c["id"]: c for c in exact["checks"]}
     for check in model["checks"]:

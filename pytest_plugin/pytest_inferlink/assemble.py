@@ -92,6 +92,9 @@ def check_properties(
         props += [("ci_low", result.ci[0]), ("ci_high", result.ci[1])]
     if result.certain is not None:
         props.append(("certain", result.certain))
+    examples = session.examples_deciding(planned)
+    if examples is not None:  # statistics.sequential: the examples that decided the check
+        props.append(("examples", examples))
     if result.detail.startswith("error: "):
         props.append(("error", result.detail.removeprefix("error: ")))
     elif not result.passed and result.layers:
@@ -122,13 +125,14 @@ def failure_lines(
     if result.ci is not None and spec.statistics is not None:
         lines.append(
             f"  interval: [{_num(result.ci[0])}, {_num(result.ci[1])}] at "
-            f"{spec.statistics.confidence:.0%} ({'certain' if result.certain else 'uncertain'}; "
+            f"{session.confidence:.0%} ({'certain' if result.certain else 'uncertain'}; "
             f"decide: {spec.statistics.decide})"
         )
     if planned.check == "min_adversarial_accuracy" and planned.attack is not None:
         attack = session.attack_result(planned.attack)
         lines.append(
-            f"  attack:   {spec.attack(attack.id).label} on {session.prepared.data.n} examples: "
+            f"  attack:   {spec.attack(attack.id).label} on {session.examples_used(attack.id)} "
+            "examples: "
             f"success rate {attack.success_rate:.4f}, distortion rms {attack.distortion_rms:.4f}, "
             f"linf {attack.distortion_linf:.4f}"
         )
