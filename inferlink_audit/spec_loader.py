@@ -507,6 +507,10 @@ def _model_at(path: KeyPath) -> type[BaseModel] | None:
     for part in path:
         annotation = _unwrap(annotation)
         if isinstance(part, int):
+            if get_origin(annotation) in (Union, types.UnionType):
+                # one value or a list of mappings (min_adversarial_accuracy): the list's items
+                lists = [a for a in map(_unwrap, get_args(annotation)) if get_origin(a) is list]
+                annotation = lists[0] if len(lists) == 1 else annotation
             origin, args = get_origin(annotation), get_args(annotation)
             if origin is list and args:
                 annotation = args[0]

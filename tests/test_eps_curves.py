@@ -30,6 +30,7 @@ from inferlink_audit.results import (
 )
 from inferlink_audit.spec import FGSMSpec
 from inferlink_audit.spec_loader import load_spec, parse_spec
+from inferlink_audit.summary import text_summary
 
 from .specs import digits_spec, write_spec
 from .test_attack_sanity import Periodic
@@ -188,6 +189,11 @@ BAD_SHAPES = [
         "must be at most 1",
     ),
     ("checks: {min_adversarial_accuracy: []}", "checks.min_adversarial_accuracy", "at least 1"),
+    (
+        "checks: {min_adversarial_accuracy: [{eps: 0.1, vlaue: 0.5}]}",
+        "checks.min_adversarial_accuracy[0].vlaue",
+        "did you mean 'value'?",
+    ),
 ]
 
 
@@ -337,6 +343,16 @@ def test_the_indicator_section_says_what_each_measures_which_examples_and_what_t
     assert "min_clean_accuracy" not in section
     plain = report_html(AuditResult(meta={}, models=[minimal_model(checks=[other])]))
     assert "Attack-failure indicators: not run" in plain
+
+
+def test_the_terminal_counts_quiet_and_fired_indicators() -> None:
+    checks = [
+        CheckResult("unstable_predictions", True, 0.0, 0.0, "", check="unstable_predictions"),
+        CheckResult("fgsm_eps0.1-masked_gradients", False, 1.0, 0.05, "", check="masked_gradients"),
+        CheckResult("min_clean_accuracy", True, 0.9, 0.5, "", check="min_clean_accuracy"),
+    ]
+    text = text_summary(AuditResult(meta={}, models=[minimal_model(checks=checks)]))
+    assert "   attack-failure indicators: 1 quiet, 1 fired (fgsm_eps0.1-masked_gradients)" in text
 
 
 def test_results_json_keeps_each_indicator_s_examples(tmp_path: Path) -> None:
