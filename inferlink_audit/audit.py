@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -54,6 +54,7 @@ from .precision import (
     score_margins,
 )
 from .prefix import NetworkSplitter
+from .progress import Progress, current_progress, progress_step, tracked
 from .remediation import safe_file_stem, selective_retrain
 from .results import (
     AttackResult,
@@ -142,6 +143,8 @@ class AuditSession:
         self.worker = worker  # a parallel worker's index: auto/cuda pick its GPU (devices)
         self.cache = cache
         self.on_variant = on_variant
+        # Where long steps report (the CLI's bars, the pytest plugin's lines).
+        self.progress: Progress | None = current_progress()
         self.started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.timings: dict[str, float] = {}
         self.computed_sweeps = 0  # sweeps computed here (not taken from the cache)
@@ -294,6 +297,26 @@ class AuditSession:
         size = self.ranks.agreed_batch_size(data.batch_size)
         return self.ranks.share(replace(data, batch_size=size))
 
+    def _variant_hook(self, where: str) -> Callable[[], None] | None:
+        """What a sweep calls after each variant: ``on_variant`` and the progress step."""
+        on_variant, progress = self.on_variant, self.progress
+        if on_variant is None and progress is None:
+            return None
+
+        def done() -> None:
+            if on_variant is not None:
+                on_variant(where)
+            if progress is not None:
+                progress.advance()
+
+        return done
+
+    def _variants_planned(self) -> int:
+        """Variants of one filter and attack at most (one per threshold and scope)."""
+        filtering = self.spec.filtering
+        scopes = len(self.prepared.layers) * ("local" in filtering.scopes)
+        return (scopes + ("global" in filtering.scopes)) * filtering.thresholds
+
     def _attack(self, attack_id: str) -> Attack:
         data = self.spec.data
         return build_attack(self.spec.attack(attack_id), data.input_range, self.spec.seed)
@@ -330,7 +353,14 @@ class AuditSession:
             l2: list[torch.Tensor] = []
             still_correct: list[torch.Tensor] = []
             with frozen_parameters(model):
-                batches = self._attacked_batches(attack_id, attack, model, lambda: correct)
+                batches = tracked(
+                    self.progress,
+                    self._attacked_batches(attack_id, attack, model, lambda: correct),
+                    f"attack {attack_id}",
+                    -(-p.data.n // p.data.batch_size),
+                    "batch",
+                    p.data.n,
+                )
                 for _, xb, yb, out in batches:
                     x_adv = out.adversarial
                     with torch.inference_mode():
@@ -510,6 +540,7 @@ class AuditSession:
                 seed=spec.seed,
                 checkpoint_path=Path(self.output_dir or spec.report.dir) / relative,
                 checkpoint_name=relative,
+                progress=self.progress,
             )
             verify_unchanged(p.loaded.module, p.digest, "remediation")
             self.timings["remediation"] = time.perf_counter() - t0
@@ -568,6 +599,7 @@ class AuditSession:
             p.loaded.module.normalize(p.data.x[:1]),
             layers=[layer.name for layer in p.layers],
             input_scale=1.0 / min(normalize.std) if normalize is not None else 1.0,
+            progress=self.progress,
         )
         self.timings["lipschitz"] = time.perf_counter() - t0
         return result
@@ -620,7 +652,9 @@ class AuditSession:
                 cached = None  # every rank computes the sweep, or none does
             if cached is None:
                 t0 = time.perf_counter()
-                cached = self._in_rounds(filter_name, attack_id, self._compute_in_precision)
+                label, planned = f"sweep {filter_name} {attack_id}", self._variants_planned()
+                with progress_step(self.progress, label, planned, "variant", self.prepared.data.n):
+                    cached = self._in_rounds(filter_name, attack_id, self._compute_in_precision)
                 where = f"sweeps of {filter_name} under {attack_id}"
                 verify_unchanged(self.prepared.loaded.module, self.prepared.digest, where)
                 self.timings[f"sweep {filter_name} {attack_id}"] = time.perf_counter() - t0
@@ -1115,7 +1149,7 @@ class AuditSession:
                         unfiltered=unfiltered,
                         value_range=filtering.range if scope == "global" else None,
                         ordering=self._ordering(layer_name, tensors),
-                        on_variant=partial(self.on_variant, where) if self.on_variant else None,
+                        on_variant=self._variant_hook(where),
                         unfiltered_outcomes=self._unfiltered_outcomes.get(attack_id),
                     )
                 scored = score_curves(

@@ -128,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
 
         from .audit import run_audit
         from .devices import out_of_memory_as_error
+        from .progress import TqdmProgress, reset_progress, set_progress
         from .report import render_report
         from .results import write_results
         from .summary import text_summary
@@ -143,6 +144,9 @@ def _run(args: argparse.Namespace) -> int:
         bar = tqdm(
             desc=f"audit {spec.name}", unit="variant", disable=not show_progress, leave=False
         )
+        # Below the run's variant count, a bar per long step: sweep, attack, retraining, bounds.
+        steps = TqdmProgress(disable=not show_progress, first_position=1)
+        steps_token = set_progress(steps)
         oom = out_of_memory_as_error(
             batch_size=spec.data.batch_size,
             device=args.device or spec.device,
@@ -185,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
                         output_dir=out,
                     )
         finally:
+            steps.close()
+            reset_progress(steps_token)
             bar.close()
             if ranks is not None:
                 ranks.leave()

@@ -40,6 +40,7 @@ from torch import fx, nn
 from .attacks import Attack
 from .errors import IntegrityError
 from .fileio import atomic_write_bytes
+from .progress import Progress, tracked
 from .spec import SelectiveRetrainSpec
 from .sweep import EvalData
 
@@ -203,6 +204,8 @@ def _train(
     settings: SelectiveRetrainSpec,
     mix_attack: Attack,
     seed: int,
+    label: str = "retrain",
+    progress: Progress | None = None,
 ) -> None:
     """Train the tensors in ``trained_ids`` of ``model`` in place; every other one stays."""
     for p in model.parameters():
@@ -216,7 +219,7 @@ def _train(
         else torch.optim.SGD(trainable, lr=settings.lr, momentum=0.9)
     )
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(settings.epochs):
+    for _ in tracked(progress, range(settings.epochs), label, settings.epochs, "epoch", train.n):
         order = torch.randperm(train.n, generator=generator).to(train.x.device)
         for start in range(0, train.n, train.batch_size):
             batch = order[start : start + train.batch_size]
@@ -276,6 +279,7 @@ def selective_retrain(
     seed: int,
     checkpoint_path: Path,
     checkpoint_name: str,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the selective retraining and its control; return the results.json entry.
 
@@ -315,7 +319,7 @@ def selective_retrain(
         ids = _trained_ids(inner, trained_modules, frozen_modules)
         trained_names[run] = _trained_names(inner, ids)
         with _same_randomness(seed, train.x.device):
-            _train(candidate, ids, train, settings, mix_attack, seed)
+            _train(candidate, ids, train, settings, mix_attack, seed, f"retrain {run}", progress)
         _check_frozen(run, before_state, inner, trained_names[run])
         after = _accuracies(candidate, test, attack)
         runs[run] = RunScores(before[0], after[0], before[1], after[1])

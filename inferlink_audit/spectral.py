@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, svds
 from torch import fx, nn
 
+from .progress import Progress, tracked
 from .results import LipschitzLayer, LipschitzResult
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -388,6 +389,7 @@ def lipschitz_bounds(
     layers: Sequence[str],
     input_scale: float = 1.0,
     tolerance: float = 1e-8,
+    progress: Progress | None = None,
 ) -> LipschitzResult:
     """Per-layer bounds for ``layers`` and the network bound (None, with the reason naming
     the node, when some operation has no known bound).
@@ -423,7 +425,7 @@ def lipschitz_bounds(
 
     module_bound = _ModuleBounds(model, example.device, tolerance)
     per_layer, missing = [], []
-    for name in layers:
+    for name in tracked(progress, layers, "Lipschitz bounds", len(layers), "layer"):
         bounds = [module_bound(name, shape) for shape in shapes.get(name, [None])]
         known = [b for b in bounds if b is not None]
         if known and len(known) == len(bounds):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from .items import MARKER, CheckItem, SpecFile
+from .progress import INI_PROGRESS_AFTER
 from .runner import AuditPlugin
 from .stash import PLUGIN_KEY
 
@@ -97,6 +98,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "balanced by estimated cost (model-wide checks run in shard 1).",
     )
     parser.addini(INI_DEVICE, type="string", default="", help="device for every audit spec.")
+    parser.addini(
+        INI_PROGRESS_AFTER,
+        type="string",
+        default="",
+        help="seconds after which a running sweep, attack or other long step shows its "
+        "progress (live on a terminal, one line when it ends in CI logs); default 3, 0: all.",
+    )
     parser.addini(INI_SHARD, type="string", default="", help="shard I/N of the audit items.")
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .progress import StepLines, progress_after, progress_for, progress_lines
 from .stash import PAYLOAD_KEY, SESSIONS_KEY
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ class AuditPlugin:
         self._spec_set = frozenset(specs)
         self._cache: DiskSweepCache | None = None
         self._cache_ready = False
+        self._lines: StepLines | None = None
+        self._progress_after = progress_after(config)
+        self._step_lines_ready = False
         self._seq = 0
         self._t0 = time.perf_counter()
         self._payloads: dict[str, str] = {}
@@ -127,10 +131,18 @@ class AuditPlugin:
                 output_dir=self.report_dir,
                 worker=self.worker,
             )
+            session.progress = progress_for(self._step_lines(), spec.name)
             # compare: share the compared specs' sessions (they are collected as specs too)
             session.peer_factory = lambda peer: self.session_for(peer, load_spec(peer))
             sessions[path] = session
         return session
+
+    def _step_lines(self) -> StepLines | None:
+        """Where every session of this process shows its long steps (progress.py)."""
+        if not self._step_lines_ready:
+            self._step_lines_ready = True
+            self._lines = progress_lines(self.config, self._progress_after)
+        return self._lines
 
     def _share_cores(self) -> None:
         """On an xdist worker, give torch its share of the cores: N workers each spinning
