@@ -632,7 +632,7 @@ class AuditSession:
             relevant["compute"] = spec.compute.model_dump(mode="json")
         if self._plan is not None:  # where a sequential sweep stops depends on all of these
             relevant["sequential"] = {
-                "statistics": self.statistics_record(),
+                "statistics": None if spec.statistics is None else spec.statistics.model_dump(),
                 "checks": spec.checks.model_dump(mode="json"),
                 "baseline": None if spec.baseline is None else str(spec.baseline),
             }
