@@ -1000,6 +1000,7 @@ class AuditSession:
                     "attack": attack_id,
                     "scope": s.scope,
                     "layer": s.layer,
+                    "examples": self.prepared.data.n,  # a sequential round's, or all
                     "precision": "fp32" if reasons else "bf16",
                     "confirmed": bool(reasons),
                     "reasons": reasons,
@@ -1025,6 +1026,9 @@ class AuditSession:
         n = self.prepared.data.n
         if self._calibration is None:
             self._calibration = Calibration(n)
+        # In a sequential run each round is calibrated and confirmed on its own examples: one
+        # example of the smallest round is the least a difference can be.
+        self._calibration.n_examples = min(self._calibration.n_examples, n)
         pairs = self._calibration.pairs
         if not any(p.where == f"unfiltered {attack_id}" for p in pairs):
             exact = self._evaluator(attack_id)[1]
