@@ -9,6 +9,7 @@ here or listed in ``NOT_RUN`` with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -97,6 +98,7 @@ README_RUNS: dict[str, int] = {
     "inferlink-audit run audit.yaml --shard 2/2 --out shard-2 --cache .inferlink-cache": 0,
     "inferlink-audit merge shard-1/results.json shard-2/results.json --out inferlink-report": 0,
     "pytest --inferlink-audit audit.yaml --inferlink-shard 1/2": 0,
+    "inferlink-audit schema --out inferlink-audit.schema.json": 0,
 }
 
 
@@ -140,6 +142,9 @@ def test_readme_commands_run_as_written(tmp_path):
             assert (tmp_path / out / "report.html").is_file()
         if "--shard" in command:
             assert (tmp_path / command.split("--out ")[1].split()[0] / "results.json").is_file()
+        if command.startswith("inferlink-audit schema"):
+            schema = json.loads((tmp_path / "inferlink-audit.schema.json").read_text())
+            assert schema["title"] == "inferlink-audit spec"
 
 
 def test_readme_spec_reference_is_a_valid_spec_with_every_key_known(tmp_path):
