@@ -11,7 +11,8 @@ import pytest
 
 from inferlink_audit import audit as audit_module
 from inferlink_audit import sequential
-from inferlink_audit.audit import run_audit
+from inferlink_audit.audit import AuditSession, run_audit
+from inferlink_audit.cache import DiskSweepCache
 from inferlink_audit.errors import SpecError
 from inferlink_audit.report import render_report
 from inferlink_audit.results import (
@@ -148,6 +149,35 @@ def test_a_clearly_decided_sweep_stops_early_with_the_full_runs_decision(
     for check in model["checks"]:
         if check["certain"]:
             assert check["passed"] == full_checks[check["id"]]["passed"], check["id"]
+
+
+def test_sequential_sweeps_are_cached_with_their_records_and_keyed_by_the_checks(
+    tmp_path: Path,
+) -> None:
+    """A second session reads the sequential sweeps back (examples, rounds, intervals) and
+    computes none; a spec whose checks differ (so its sweeps may stop elsewhere) misses."""
+    cache = DiskSweepCache(tmp_path / "cache")
+    path = write_spec(
+        tmp_path, data=DATA, filtering=FILTERING, checks=CHECKS, statistics=SEQUENTIAL
+    )
+    first = AuditSession(load_spec(path), cache=cache)
+    computed = first.sweeps("low_pass", "fgsm_eps0.1")
+    second = AuditSession(load_spec(path), cache=cache)
+    again = second.sweeps("low_pass", "fgsm_eps0.1")
+    assert second.computed_sweeps == 0
+    assert again == computed
+    assert [s.sequential for s in again] == [s.sequential for s in computed]
+    assert all(s.statistics is not None for s in again)
+    other = write_spec(
+        tmp_path,
+        "other.yaml",
+        data=DATA,
+        filtering=FILTERING,
+        checks={**CHECKS, "max_targeted_layers": 1},
+        statistics=SEQUENTIAL,
+    )
+    third = AuditSession(load_spec(other), cache=cache)
+    assert third.cache_key("low_pass", "fgsm_eps0.1") != first.cache_key("low_pass", "fgsm_eps0.1")
 
 
 def test_a_round_attacks_each_example_as_the_full_run_does() -> None:
