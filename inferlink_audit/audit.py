@@ -380,15 +380,18 @@ class AuditSession:
                     linf.append(diff.abs().amax(1).cpu())
                     l2.append(diff.norm(dim=1).cpu())
             rms, linf, l2 = self._in_test_order(rms, linf, l2)
-            if self.ranks is not None:  # every rank's counts and distortions, in example order
-                counts, *values = self.ranks.gather(
+            still = torch.cat(still_correct)
+            if self.ranks is not None:  # every rank's counts, outcomes and distortions, in order
+                counts, outcomes, *values = self.ranks.gather(
                     np.array([correct, clean_correct, flipped]),
+                    still.cpu().numpy(),
                     *(torch.cat(d).numpy() for d in (rms, linf, l2)),
                 )
                 correct, clean_correct, flipped = (int(c) for c in counts.reshape(-1, 3).sum(0))
                 rms, linf, l2 = ([torch.from_numpy(v)] for v in values)
+                still = torch.from_numpy(outcomes).to(still.device)
             spec = self.spec.attack(attack_id)
-            self._attack_correct[attack_id] = torch.cat(still_correct)
+            self._attack_correct[attack_id] = still
             self._attacks[attack_id] = AttackResult(
                 id=attack_id,
                 kind=spec.kind,

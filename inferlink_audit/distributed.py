@@ -142,21 +142,38 @@ def join(device_name: str) -> Ranks:
 
 
 def refuse_unsplittable(spec: AuditSpec) -> None:
-    """Remediation and ``compare:`` are refused under torchrun: they train or attack other
-    models on data a share does not hold, and would repeat on every rank."""
+    """Remediation, ``compare:`` and sequential rounds are refused under torchrun: they train
+    or attack other models on data a share does not hold, or stop on a look at part of the
+    set, and would repeat on every rank."""
     from .spec_loader import locate_message
 
-    for key, what in (
-        ("remediation", "selective retraining trains on the whole training split"),
-        ("compare", "transferability attacks every compared model on the whole test set"),
-    ):
-        if getattr(spec, key):
+    sequential = spec.statistics is not None and spec.statistics.sequential is not None
+    refused: list[tuple[tuple[str, ...], bool, str]] = [
+        (
+            ("remediation",),
+            spec.remediation is not None,
+            "selective retraining trains on the whole training split",
+        ),
+        (
+            ("compare",),
+            bool(spec.compare),
+            "transferability attacks every compared model on the whole test set",
+        ),
+        (
+            ("statistics", "sequential"),
+            sequential,
+            "sequential rounds look at part of the test set at a time",
+        ),
+    ]
+    for key, present, what in refused:
+        if present:
             raise SpecError(
                 locate_message(
                     spec,
-                    (key,),
-                    f"{what} and is not split over torchrun ranks; run this spec in one "
-                    f"process (inferlink-audit run), or remove {key}: from a spec for torchrun.",
+                    key,
+                    f"{what}, so it does not run under torchrun; run this spec in one "
+                    f"process (inferlink-audit run), or remove {key[-1]}: from a spec for "
+                    "torchrun.",
                 )
             )
 

@@ -32,6 +32,9 @@ TUTORIAL = ROOT / "docs" / "tutorial.md"
 NOT_RUN = {
     "make demo": "sets up a virtual environment and installs: what the whole suite runs inside",
     "make test": "runs this suite",
+    "torchrun --nproc-per-node 2 -m inferlink_audit run audit.yaml --out inferlink-report": (
+        "tests/test_torchrun.py runs it with two gloo ranks on small specs"
+    ),
 }
 
 

@@ -29,8 +29,8 @@ TORCHRUN_ENV = {
 
 
 def small_spec(folder: Path, limit: int, batch_size: int, **overrides: object) -> Path:
-    """FGSM (with its attack-failure indicators) and Gaussian noise (random draws per example),
-    statistics on."""
+    """FGSM at two ε (with its attack-failure indicators) and Gaussian noise (random draws per
+    example), statistics on."""
     return write_spec(
         folder,
         data={
@@ -41,11 +41,15 @@ def small_spec(folder: Path, limit: int, batch_size: int, **overrides: object) -
         },
         filtering={"thresholds": 3, "filters": ["low_pass", "pulse"]},
         attacks=[
-            {"fgsm": {"eps": 0.1}},
+            {"fgsm": {"eps": [0.1, 0.05]}},  # an ε curve: eps_not_monotone reads its outcomes
             {"gaussian": {"sigma": 0.3}},
         ],
         statistics={"resamples": 200},
-        checks={"min_clean_accuracy": 0.5, "max_fragile_fraction": {"value": 1.0}},
+        checks={
+            "min_clean_accuracy": 0.5,
+            "max_fragile_fraction": {"value": 1.0},
+            "attack_sanity": True,  # indicators run whole on every rank
+        },
         **overrides,
     )
 
@@ -124,9 +128,13 @@ def test_more_ranks_than_examples_is_refused() -> None:
     [
         (
             {"remediation": {"selective_retrain": {"epochs": 1}}},
-            r"audit\.yaml:\d+: remediation: selective retraining .* not split over torchrun",
+            r"audit\.yaml:\d+: remediation: selective retraining .* does not run under torchrun",
         ),
         ({"compare": ["other.yaml"]}, r"audit\.yaml:\d+: compare: transferability .* torchrun"),
+        (
+            {"statistics": {"sequential": {"round": 40}}},
+            r"audit\.yaml:\d+: statistics\.sequential: sequential rounds .* torchrun",
+        ),
     ],
 )
 def test_torchrun_refuses_what_cannot_be_split(
