@@ -379,7 +379,7 @@ class AuditSession:
                     rms.append(diff.pow(2).mean(1).sqrt().cpu())
                     linf.append(diff.abs().amax(1).cpu())
                     l2.append(diff.norm(dim=1).cpu())
-            rms, linf, l2 = self._in_test_order(rms, linf, l2)
+            rms, linf, l2, still_correct = self._in_test_order(rms, linf, l2, still_correct)
             still = torch.cat(still_correct)
             if self.ranks is not None:  # every rank's counts, outcomes and distortions, in order
                 counts, outcomes, *values = self.ranks.gather(
@@ -862,7 +862,11 @@ class AuditSession:
             else checks.min_adversarial_limit(self.spec.attack(attack_id))
         )
         plan = self._plan
-        if plan is None or limit is None:
+        # eps_not_monotone compares an ε curve's points example by example: all examples
+        on_curve = attack_id is not None and any(
+            attack_id in {p.id for p in c.points()} for c in self.spec.curves
+        )
+        if plan is None or limit is None or on_curve:
             yield getattr(self, "share", self.prepared.data)
             return
 

@@ -180,6 +180,24 @@ def test_sequential_sweeps_are_cached_with_their_records_and_keyed_by_the_checks
     assert third.cache_key("low_pass", "fgsm_eps0.1") != first.cache_key("low_pass", "fgsm_eps0.1")
 
 
+def test_the_points_of_an_eps_curve_use_every_example(tmp_path: Path) -> None:
+    """eps_not_monotone compares a curve's points example by example, so a curve's accuracies
+    never stop early; a single attack with a clearly met minimum does."""
+    attacks = [{"fgsm": {"eps": [0.05, 0.1]}}, {"gaussian": {"sigma": 0.1}}]
+    path = write_spec(
+        tmp_path,
+        data=DATA,
+        filtering={**FILTERING, "scopes": ["global"]},
+        attacks=attacks,
+        checks={"min_adversarial_accuracy": 0.05},
+        statistics=SEQUENTIAL,
+    )
+    result, _, _ = run_audit(load_spec(path))
+    used = result_to_dict(result)["models"][0]["statistics"]["sequential"]["examples"]
+    assert used["fgsm_eps0.05"] == used["fgsm_eps0.1"] == 360
+    assert used["gaussian_sigma0.1"] < 360
+
+
 def test_a_round_attacks_each_example_as_the_full_run_does() -> None:
     """Blocks are whole, in a seeded order, the short last block last; each round's batches
     start where their block starts in the test set."""
