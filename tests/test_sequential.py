@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pytest_inferlink.assemble import check_properties
 
 from inferlink_audit import audit as audit_module
 from inferlink_audit import sequential
 from inferlink_audit.audit import AuditSession, run_audit
 from inferlink_audit.cache import DiskSweepCache
+from inferlink_audit.checks import plan_checks
 from inferlink_audit.errors import SpecError
 from inferlink_audit.report import render_report
 from inferlink_audit.results import (
@@ -119,7 +121,7 @@ def test_a_sequential_run_that_runs_out_of_rounds_gives_exactly_the_exact_runs_n
 def test_a_clearly_decided_sweep_stops_early_with_the_full_runs_decision(
     tmp_path: Path, exact: dict[str, Any]
 ) -> None:
-    model, _, result = _run_result(tmp_path, "sequential.yaml", SEQUENTIAL)
+    model, session, result = _run_result(tmp_path, "sequential.yaml", SEQUENTIAL)
     stopped = [s for s in model["sweeps"] if s["sequential"]["stopped_early"]]
     assert stopped, "no sweep of the digits example stopped before the data ran out"
     by_layer = {s["layer"]: s for s in exact["sweeps"]}
@@ -144,6 +146,10 @@ def test_a_clearly_decided_sweep_stops_early_with_the_full_runs_decision(
     first = stopped[0]
     assert f"{first['sequential']['examples']} / 360" in section
     assert "decided early" in section
+    # JUnit: each check's properties carry the examples that decided it.
+    planned = next(p for p in plan_checks(session.spec) if p.id == "min_clean_accuracy")
+    checked = next(c for c in result.models[0].checks if c.id == "min_clean_accuracy")
+    assert ("examples", str(clean)) in check_properties(planned, checked, session)
     # Every certain decision is the full run's decision.
     full_checks = {c["id"]: c for c in exact["checks"]}
     for check in model["checks"]:
