@@ -867,6 +867,7 @@ class AuditSession:
             attack_id in {p.id for p in c.points()} for c in self.spec.curves
         )
         if plan is None or limit is None or on_curve:
+            self._examples[attack_id] = self.prepared.data.n
             yield getattr(self, "share", self.prepared.data)
             return
 
@@ -939,10 +940,8 @@ class AuditSession:
                 "block": plan.block,
                 "rounds": plan.rounds,
                 "look_confidence": self.confidence,
-                "examples": {
-                    "clean_accuracy": self.examples_used(None),
-                    **{a.id: self.examples_used(a.id) for a in self.spec.attack_points},
-                },
+                # Measured here (the plugin merges what each worker measured).
+                "examples": {key or "clean_accuracy": used for key, used in self._examples.items()},
             }
         return record
 

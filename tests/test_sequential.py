@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ from inferlink_audit.statistics import (
 from inferlink_audit.summary import text_summary
 
 from .specs import write_spec
+
+pytest_plugins = ["pytester"]
 
 # The whole digits test split (360 examples) in one batch, so a round (blocks of 32, cut at
 # block starts) batches its examples differently from the full run.
@@ -347,3 +351,32 @@ def test_a_round_of_no_examples_is_a_spec_error(tmp_path: Path) -> None:
     path = write_spec(tmp_path, statistics={"sequential": {"round": 0}})
     with pytest.raises(SpecError, match=r"statistics\.sequential\.round"):
         load_spec(path)
+
+
+# --------------------------------------------------------------------------- the plugin
+def test_the_plugin_records_the_examples_each_item_used(pytester: pytest.Pytester) -> None:
+    """Under pytest each item measures what it needs: results.json merges the examples every
+    unfiltered accuracy used, and each item's JUnit properties carry its own."""
+    write_spec(
+        pytester.path,
+        "spec.yaml",
+        data=DATA,
+        filtering={**FILTERING, "scopes": ["global"]},
+        checks={"min_clean_accuracy": 0.90, "min_adversarial_accuracy": 0.30},
+        statistics=SEQUENTIAL,
+    )
+    pytester.runpytest_subprocess(
+        "--inferlink-audit", "spec.yaml", "--junitxml=junit.xml", "-p", "no:cacheprovider"
+    ).assert_outcomes(passed=2)
+    root = ET.parse(pytester.path / "junit.xml").getroot()
+    used = {}
+    for case in root.iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        used[props["check"]] = int(props["examples"])
+    results = json.loads((pytester.path / "inferlink-report" / "results.json").read_text())
+    examples = results["models"][0]["statistics"]["sequential"]["examples"]
+    assert examples == {
+        "clean_accuracy": used["min_clean_accuracy"],
+        "fgsm_eps0.1": used["fgsm_eps0.1-min_adversarial_accuracy"],
+    }
+    assert max(examples.values()) < 360  # both minimums are clearly met: decided early

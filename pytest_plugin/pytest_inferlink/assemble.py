@@ -366,7 +366,23 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
         "units": next((i["units"] for i in infos if i.get("units")), None),
         "checks": [p["check"] for p in items if p["check"] is not None],
         "eps_curves": next((i["eps_curves"] for i in infos if i.get("eps_curves")), None),
+        **_sequential_examples(model, infos),
     }
+
+
+def _sequential_examples(model: dict[str, Any], infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``statistics.sequential``: the examples of every unfiltered accuracy, from
+    whichever item (or xdist worker) measured it."""
+    statistics = model.get("statistics") or {}
+    if "examples" not in (statistics.get("sequential") or {}):
+        return {}
+    examples: dict[str, int] = {}
+    for info in infos:
+        sequential = (info.get("statistics") or {}).get("sequential") or {}
+        for key, used in (sequential.get("examples") or {}).items():
+            examples.setdefault(key, used)
+    sequential = {**statistics["sequential"], "examples": examples}
+    return {"statistics": {**statistics, "sequential": sequential}}
 
 
 def _meta(specs: list[list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
