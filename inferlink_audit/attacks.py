@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import generator_device, mark_step
 from .errors import UnsupportedError
 from .spec import AttackSpec, FGSMSpec, GaussianSpec, LBFGSSpec, PGDSpec
 
@@ -83,7 +84,8 @@ class Attack(ABC):
         generator seeded by (seed, stream, c), so an example gets the same values whatever
         the batch it falls in. ``stream`` keeps independent draws of one attack apart.
         """
-        device, dtype = like.device, like.dtype
+        # On XLA the values are drawn on the CPU and moved (``generator_device``).
+        device, dtype = generator_device(like.device), like.dtype
         first, last = offset // EXAMPLE_CHUNK, (offset + count - 1) // EXAMPLE_CHUNK
         parts = []
         for chunk in range(first, last + 1):
@@ -99,7 +101,7 @@ class Attack(ABC):
             base = chunk * EXAMPLE_CHUNK
             lo, hi = max(offset, base) - base, min(offset + count, base + EXAMPLE_CHUNK) - base
             parts.append(block[lo:hi])
-        return torch.cat(parts)
+        return torch.cat(parts).to(like.device)
 
 
 def _loss_gradient(
@@ -171,6 +173,7 @@ class PGD(Attack):
                 delta = delta + step * grad / _per_example_norm(grad)
                 delta = delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
             delta = (x + delta).clamp(self.lo, self.hi) - x
+            mark_step(x.device)  # one XLA graph per step, not one growing over all steps
         return AttackOutput(x + delta, clean_logits)
 
 

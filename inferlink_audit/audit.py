@@ -36,6 +36,7 @@ from .devices import (
     bf16_unsupported_reason,
     describe_device,
     deterministic_settings,
+    inference_mode,
     out_of_memory_as_error,
     peak_memory_mb,
     resolve_device,
@@ -326,7 +327,7 @@ class AuditSession:
         if self._clean is None:
             p = self.prepared
             correct = 0
-            with torch.inference_mode():
+            with inference_mode(p.device):
                 # the rounds read ``correct`` as it stands when each round ends
                 for _, xb, yb in self._clean_batches(lambda: correct):  # noqa: B023
                     correct += int((p.loaded.module(xb).argmax(1) == yb).sum())
@@ -363,7 +364,7 @@ class AuditSession:
                 )
                 for _, xb, yb, out in batches:
                     x_adv = out.adversarial
-                    with torch.inference_mode():
+                    with inference_mode(p.device):
                         # FGSM, PGD and L-BFGS already ran the clean forward pass
                         clean_logits = out.clean_logits
                         if clean_logits is None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import EXAMPLE_CHUNK
-from .devices import memory_budget, synchronize
+from .devices import inference_mode, memory_budget, synchronize
 from .sweep import saved_bytes_of
 
 PROBE_EXAMPLES = 4
@@ -46,7 +46,7 @@ def _pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo: float, hi: flo
     leaf = x.detach().clone().requires_grad_(True)
     loss = F.cross_entropy(model(leaf), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, leaf)
-    with torch.inference_mode():
+    with inference_mode(x.device):
         model((leaf.detach() + 0.01 * grad.sign()).clamp_(lo, hi))
 
 

@@ -12,7 +12,7 @@ import random
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,10 @@ __all__ = [
     "cuda_device_count",
     "describe_device",
     "deterministic_settings",
+    "generator_device",
+    "inference_mode",
     "is_out_of_memory",
+    "mark_step",
     "out_of_memory_error",
     "peak_memory_mb",
     "resolve_device",
@@ -340,6 +343,40 @@ def synchronize(device: torch.device) -> None:
         xm.wait_device_ops()
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def mark_step(device: torch.device) -> None:
+    """End a step of lazily recorded work on ``device`` without waiting for it.
+
+    XLA records operations into a graph that runs at a step boundary; marking one per batch
+    keeps each graph the same from variant to variant (compiled once, then reused) instead
+    of one graph growing over a whole sweep. Elsewhere this does nothing.
+    """
+    if device.type == "xla":
+        import torch_xla
+
+        # torch_xla.sync() since 2.6 (xm.mark_step() is deprecated in its favour).
+        sync = getattr(torch_xla, "sync", None)
+        if sync is not None:
+            sync()
+        else:
+            import torch_xla.core.xla_model as xm
+
+            xm.mark_step()
+
+
+def inference_mode(device: torch.device) -> AbstractContextManager[Any]:
+    """``torch.inference_mode()``, except on XLA, whose lazy tensors cannot be inference
+    tensors (a slice of the test set fails: "Cannot set version_counter for inference
+    tensor"): there ``torch.no_grad()``, which records no graph either."""
+    return torch.no_grad() if device.type == "xla" else torch.inference_mode()
+
+
+def generator_device(device: torch.device) -> torch.device:
+    """Where a ``torch.Generator`` draws random values for ``device``: the device itself,
+    except XLA, which has no ``torch.Generator`` ("XLA device type not an accelerator"), so
+    its draws are made on the CPU (the same values a CPU run draws) and moved."""
+    return torch.device("cpu") if device.type == "xla" else device
 
 
 def seed_everything(seed: int) -> None:

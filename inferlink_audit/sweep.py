@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import FGSM, Attack, AttackOutput
+from .devices import inference_mode, mark_step
 from .errors import IntegrityError
 from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
 from .prefix import NetworkSplitter, live_bytes
@@ -133,12 +134,22 @@ class StorageCount:
             key = _storage_key(t)
             if key not in self.seen:
                 self.seen.add(key)
-                self.bytes += t.untyped_storage().nbytes()
+                self.bytes += _storage_bytes(t)
         return self.bytes
 
 
+# XLA tensors have no storage pointer ("Attempted to access the data pointer on an invalid
+# python storage"): there each tensor counts as its own storage, an overestimate.
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    if t.device.type == "xla":
+        return (str(t.device), id(t))
     return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    if t.device.type == "xla":
+        return t.numel() * t.element_size()
+    return int(t.untyped_storage().nbytes())
 
 
 @dataclass
@@ -287,7 +298,7 @@ class Evaluator:
         if self.fixed_adversarial is not None:
             cache.fixed = []
             for index, xb, _ in self.data.batches():
-                with torch.inference_mode():
+                with inference_mode(xb.device):
                     pair = (split.prefix(xb), split.prefix(self.fixed_adversarial[index]))
                 cache.fixed.append(pair)
                 done += len(xb)
@@ -356,12 +367,16 @@ class Evaluator:
             return self._evaluate()
 
     def _clean_logits(self) -> list[torch.Tensor]:
-        with self.autocast(), torch.inference_mode():
+        with self.autocast(), inference_mode(self.data.x.device):
             return [self.model(xb) for _, xb, _ in self.data.batches()]
 
-    def _unchanged(self, index: int, logits: torch.Tensor) -> bool:
+    def _unchanged(self, index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Whether ``logits`` equal the unfiltered network's bit for bit, as a boolean on the
+        device: read once per variant, so no batch waits for the host."""
         reference = self.reference_logits[index]
-        return logits.dtype == reference.dtype and torch.equal(logits, reference)
+        if logits.dtype != reference.dtype or logits.shape != reference.shape:
+            return torch.zeros((), dtype=torch.bool, device=logits.device)
+        return (logits == reference).all()
 
     def autocast(self) -> Any:
         """bf16 autocast under ``precision: bf16`` (an approximation, off by default)."""
@@ -372,14 +387,15 @@ class Evaluator:
     def _evaluate(self) -> tuple[float, float]:
         clean_ok: list[torch.Tensor] = []
         adversarial_ok: list[torch.Tensor] = []
-        unchanged = True
+        identical: list[torch.Tensor] = []
         prefix = self._prefix
         for index, xb, yb in self.data.batches():
+            mark_step(xb.device)  # XLA: one graph per batch (the first one also moves weights)
             if prefix is not None and prefix.fixed is not None:
                 live_clean, live_adv = prefix.fixed[index]
-                with torch.inference_mode():
+                with inference_mode(xb.device):
                     logits = prefix.suffix(*live_clean)
-                    unchanged = unchanged and self._unchanged(index, logits)
+                    identical.append(self._unchanged(index, logits))
                     clean_ok.append(logits.argmax(dim=1) == yb)
                     adversarial_ok.append(prefix.suffix(*live_adv).argmax(dim=1) == yb)
                 continue
@@ -396,14 +412,16 @@ class Evaluator:
                 x_adv, clean_logits = out.adversarial, out.clean_logits
             else:
                 x_adv, clean_logits = self.fixed_adversarial[index], None
-            with torch.inference_mode():
+            with inference_mode(xb.device):
                 if clean_logits is None:
                     clean_logits = self.model(xb)
-                unchanged = unchanged and self._unchanged(index, clean_logits)
+                identical.append(self._unchanged(index, clean_logits))
                 clean_ok.append(clean_logits.argmax(dim=1) == yb)
                 adversarial_ok.append(self.model(x_adv).argmax(dim=1) == yb)
+        mark_step(self.data.x.device)
         clean_bits = torch.cat(clean_ok).cpu().numpy()
         adversarial_bits = torch.cat(adversarial_ok).cpu().numpy()
+        unchanged = bool(torch.stack(identical).all()) if identical else True
         if self.ranks is not None:  # a rank's share: the whole set's outcomes from every rank
             clean_bits, adversarial_bits, same = self.ranks.gather(
                 clean_bits, adversarial_bits, np.array([unchanged])

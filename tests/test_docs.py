@@ -32,6 +32,12 @@ TUTORIAL = ROOT / "docs" / "tutorial.md"
 NOT_RUN = {
     "make demo": "sets up a virtual environment and installs: what the whole suite runs inside",
     "make test": "runs this suite",
+    "make test-oldest": "runs this suite in a second environment (downloads torch 2.13.0)",
+    "make test-xla": "builds .venv-xla (downloads torch 2.9.0 and torch_xla) and runs test_xla.py",
+    "pip install torch==2.9.0 torch_xla==2.9.0": "make test-xla installs these into .venv-xla",
+    "pip install numpy scipy pyyaml pydantic jinja2 tqdm safetensors scikit-learn matplotlib "
+    "pillow": "make test-xla installs the package's dependencies into .venv-xla",
+    "pip install --no-deps inferlink-audit": "make test-xla installs the checkout with --no-deps",
     "torchrun --nproc-per-node 2 -m inferlink_audit run audit.yaml --out inferlink-report": (
         "tests/test_torchrun.py runs it with two gloo ranks on small specs"
     ),
