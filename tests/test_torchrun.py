@@ -59,7 +59,9 @@ def models_of(path: Path) -> str:
     return json.dumps(json.loads(path.read_text())["models"], sort_keys=True)
 
 
-def one_process_and_two_ranks(spec: Path, tmp_path: Path) -> tuple[Path, Path, str]:
+def one_process_and_two_ranks(spec: Path, tmp_path: Path, *options: str) -> tuple[Path, Path, str]:
+    """results.json of one process and of two torchrun ranks (given ``options``), and what
+    the ranks printed."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["run", str(spec), "--out", str(one), "--quiet"]) == 0
     assert not dist.is_initialized()  # a plain run joins no process group
@@ -68,7 +70,7 @@ def one_process_and_two_ranks(spec: Path, tmp_path: Path) -> tuple[Path, Path, s
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", "-m", "inferlink_audit", "run", str(spec)]
     done = subprocess.run(
-        [*command, "--out", str(two), "--quiet"],
+        [*command, "--out", str(two), "--quiet", *options],
         env=env,
         capture_output=True,
         text=True,
@@ -86,10 +88,18 @@ def test_two_gloo_ranks_in_whole_batches_write_the_results_of_one_process(
     # 50 examples in batches of 16 (16, 16, 16, 2): rank 0 holds 32, rank 1 holds 18.
     assert share_bounds(50, 16, 2) == [(0, 32), (32, 50)]
     spec = small_spec(tmp_path, limit=50, batch_size=16)
-    one, two, stdout = one_process_and_two_ranks(spec, tmp_path)
+    cache = tmp_path / "cache"
+    one, two, stdout = one_process_and_two_ranks(spec, tmp_path, "--cache", str(cache))
     assert models_of(two) == models_of(one)
     assert json.loads(two.read_text())["meta"]["torchrun_ranks"] == 2
     assert stdout.count("results: ") == 1  # rank 0 alone prints and writes
+    # Rank 0 kept the sweeps the ranks computed together: one process reads them back.
+    written = {path: path.stat().st_mtime_ns for path in cache.glob("*.json")}
+    assert len(written) == 4  # 2 filters x 2 attacks
+    three = tmp_path / "three"
+    assert main(["run", str(spec), "--out", str(three), "--quiet", "--cache", str(cache)]) == 0
+    assert models_of(three / "results.json") == models_of(one)
+    assert {path: path.stat().st_mtime_ns for path in cache.glob("*.json")} == written  # read
 
 
 @pytest.mark.slow
