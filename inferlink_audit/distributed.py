@@ -67,7 +67,8 @@ def share_bounds(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the ranks, and the two exchanges evaluation needs."""
+    """This process's place among the ranks, its share of the examples, and the exchanges
+    that make every rank see the whole set's outcomes and take the same decisions."""
 
     rank: int
     world: int
