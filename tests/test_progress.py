@@ -194,6 +194,21 @@ def test_ci_logs_get_one_line_per_finished_sweep_and_no_live_output(
     assert "\r" not in out and "%|" not in out
 
 
+def test_under_xdist_the_controller_writes_the_workers_lines(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("xdist")
+    monkeypatch.setenv("CI", "true")
+    spec = pytester.makefile(".yaml", spec=spec_text())
+    result = pytester.runpytest_subprocess(
+        "--inferlink-audit", str(spec), "-o", EVERY_STEP, "-n", "2", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=3, failed=3)
+    out = result.stdout.str()
+    # Each sweep group runs on one worker, once: one line each, whole, on a line of its own.
+    assert sorted(f for f, _ in SWEEP_LINE.findall(out)) == ["low_pass", "pulse"]
+
+
 def test_q_keeps_it_quiet(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "true")
     spec = pytester.makefile(".yaml", spec=spec_text())

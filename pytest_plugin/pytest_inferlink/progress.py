@@ -4,8 +4,9 @@ A step (a sweep, an attack, retraining epochs, Lipschitz bounds) that has run lo
 ``inferlink_progress_after`` seconds (ini; 3 by default) shows a live line on a terminal
 (done/total, examples, rate and ETA, drawn by tqdm's formatter) that becomes one summary line
 when it ends; in a CI log (``CI`` or ``BUILD_NUMBER`` set, as pytest itself detects CI) or
-any output that is not a terminal, only the summary line is written. ``-q`` writes nothing,
-and neither do xdist workers, whose output pytest does not show. Output capture is suspended
+any output that is not a terminal, only the summary line is written. ``-q`` writes nothing.
+pytest does not show what an xdist worker writes: a worker's summary lines travel on the
+item's report and the controller writes them (no live line). Output capture is suspended
 while a line is written, as pytest's live logging does.
 """
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INI_PROGRESS_AFTER",
     "StepLines",
+    "WorkerSteps",
     "progress_after",
     "progress_for",
     "progress_lines",
@@ -99,6 +101,16 @@ class StepLines:
         if not self._steps and self._wrote:
             self._write(self._restore_prefix)
 
+    def show(self, lines: list[str]) -> None:
+        """Summary lines of steps that an xdist worker ran, each on a line of its own."""
+        for line in lines:
+            writer = getattr(self.reporter, "_tw", None)
+            if getattr(writer, "width_of_current_line", 0):
+                self.reporter.write("\n")
+            self.reporter.write(f"{line}\n")
+        self.reporter.currentfspath = None  # the line pytest had open is ended
+        self.reporter.flush()
+
     # ----------------------------------------------------------------- writing
     def _live_line(self, step: _Step, now: float) -> str:
         from tqdm import tqdm
@@ -160,7 +172,7 @@ class StepLines:
 class _SpecSteps:
     """One spec's view of the shared sink: its name before each step's label."""
 
-    lines: StepLines
+    lines: StepLines | WorkerSteps
     name: str
 
     def begin(self, label: str, total: int | None, unit: str, examples: int | None) -> None:
@@ -188,17 +200,51 @@ def progress_after(config: pytest.Config) -> float:
     return after
 
 
-def progress_lines(config: pytest.Config, after: float) -> StepLines | None:
-    """The process's sink, or None where nothing is shown (``-q``, xdist workers, no
-    terminal reporter)."""
+@dataclass
+class WorkerSteps:
+    """An xdist worker's sink: pytest shows nothing a worker writes, so the summary lines of
+    its long steps travel on the item's report and the controller writes them
+    (``StepLines.show``): one line per finished step, as in a CI log."""
+
+    after: float
+    clock: Callable[[], float] = time.monotonic
+    _steps: list[_Step] = field(default_factory=list)
+    _finished: list[str] = field(default_factory=list)
+
+    def begin(self, label: str, total: int | None, unit: str, examples: int | None) -> None:
+        self._steps.append(_Step(label, total, unit, examples, self.clock()))
+
+    def advance(self, n: int = 1) -> None:
+        if self._steps:
+            self._steps[-1].done += n
+
+    def end(self) -> None:
+        if self._steps:
+            step = self._steps.pop()
+            seconds = self.clock() - step.started
+            if seconds >= self.after:
+                self._finished.append(step.summary(seconds))
+
+    def take(self) -> list[str]:
+        """The summary lines of the steps finished since the last call."""
+        lines, self._finished = self._finished, []
+        return lines
+
+
+def progress_lines(config: pytest.Config, after: float) -> StepLines | WorkerSteps | None:
+    """The process's sink, or None where nothing is shown (``-q``, no terminal reporter)."""
+    if config.get_verbosity() < 0:
+        return None
+    if hasattr(config, "workerinput"):
+        return WorkerSteps(after)
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or hasattr(config, "workerinput") or config.get_verbosity() < 0:
+    if reporter is None:
         return None
     live = bool(reporter.isatty()) and not running_on_ci()
     capture = config.pluginmanager.get_plugin("capturemanager")
     return StepLines(reporter, capture, live=live, after=after)
 
 
-def progress_for(lines: StepLines | None, name: str) -> Progress | None:
+def progress_for(lines: StepLines | WorkerSteps | None, name: str) -> Progress | None:
     """What a spec's session reports its steps to."""
     return None if lines is None else _SpecSteps(lines, name)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .progress import StepLines, progress_after, progress_for, progress_lines
+from .progress import StepLines, WorkerSteps, progress_after, progress_for, progress_lines
 from .stash import PAYLOAD_KEY, SESSIONS_KEY
 
 if TYPE_CHECKING:
@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 
     from .assemble import SpecStats
 
-__all__ = ["REPORT_ATTR", "STEP_SUMMARY_ENV", "AuditPlugin"]
+__all__ = ["PROGRESS_ATTR", "REPORT_ATTR", "STEP_SUMMARY_ENV", "AuditPlugin"]
 
 # The report attribute that carries an item's measurements from a worker to the controller.
 REPORT_ATTR = "inferlink_payload"
+# The summary lines of a worker's long steps, which the controller writes (progress.py).
+PROGRESS_ATTR = "inferlink_progress"
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 CACHE_FOLDER = "inferlink-audit"
 
@@ -66,7 +68,7 @@ class AuditPlugin:
         self._spec_set = frozenset(specs)
         self._cache: DiskSweepCache | None = None
         self._cache_ready = False
-        self._lines: StepLines | None = None
+        self._lines: StepLines | WorkerSteps | None = None
         self._progress_after = progress_after(config)
         self._step_lines_ready = False
         self._seq = 0
@@ -137,7 +139,7 @@ class AuditPlugin:
             sessions[path] = session
         return session
 
-    def _step_lines(self) -> StepLines | None:
+    def _step_lines(self) -> StepLines | WorkerSteps | None:
         """Where every session of this process shows its long steps (progress.py)."""
         if not self._step_lines_ready:
             self._step_lines_ready = True
@@ -168,6 +170,10 @@ class AuditPlugin:
             payload = item.stash.get(PAYLOAD_KEY, None)
             if payload is not None:
                 setattr(report, REPORT_ATTR, payload)
+            if isinstance(self._lines, WorkerSteps):
+                finished = self._lines.take()
+                if finished:
+                    setattr(report, PROGRESS_ATTR, finished)
         return report
 
     # xdist sends reports as dicts; state the payload's passage explicitly rather than rely on
@@ -177,9 +183,10 @@ class AuditPlugin:
         self, config: pytest.Config, report: pytest.CollectReport | pytest.TestReport
     ) -> Generator[None, dict[str, Any] | None, dict[str, Any] | None]:
         data = yield
-        payload = getattr(report, REPORT_ATTR, None)
-        if data is not None and payload is not None:
-            data[REPORT_ATTR] = payload
+        for attr in (REPORT_ATTR, PROGRESS_ATTR):
+            value = getattr(report, attr, None)
+            if data is not None and value is not None:
+                data[attr] = value
         return data
 
     @pytest.hookimpl(wrapper=True)
@@ -187,14 +194,20 @@ class AuditPlugin:
         self, config: pytest.Config, data: dict[str, Any]
     ) -> Generator[None, Any, Any]:
         report = yield
-        if report is not None and data.get(REPORT_ATTR) is not None:
-            setattr(report, REPORT_ATTR, data[REPORT_ATTR])
+        for attr in (REPORT_ATTR, PROGRESS_ATTR):
+            if report is not None and data.get(attr) is not None:
+                setattr(report, attr, data[attr])
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         payload = getattr(report, REPORT_ATTR, None)
         if payload is not None and not self.is_worker:
             self._payloads[report.nodeid] = payload
+        finished: list[str] | None = getattr(report, PROGRESS_ATTR, None)
+        if finished and not self.is_worker:
+            lines = self._step_lines()
+            if isinstance(lines, StepLines):
+                lines.show(finished)
 
     # ----------------------------------------------------------------- reporting
     def pytest_sessionstart(self, session: pytest.Session) -> None:
