@@ -214,7 +214,6 @@ class AuditSession:
                 key=("compute", "precision"),
             )
 
-
     def _dataset(self) -> Dataset:
         with located_errors(self.spec, data_key(self.spec.data)):
             return load_dataset(self.spec.data)
