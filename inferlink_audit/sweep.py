@@ -656,7 +656,8 @@ def _evaluate_in_turn(
     applied: Interval | None = None
     memo = evaluator.memo
     for start, stop in distinct:
-        key = scope.variant_key(order, start, stop, values) if memo is not None else None
+        # Keyed from the host copy of the order: no device read per variant (CUDA, XLA).
+        key = scope.variant_key(ordering.order, start, stop, values) if memo is not None else None
         result = memo.get(key) if memo is not None else None
         if result is not None:
             evaluator.memo_hits += 1
