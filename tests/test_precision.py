@@ -14,7 +14,8 @@ import torch
 from inferlink_audit import devices
 from inferlink_audit.audit import AuditSession
 from inferlink_audit.errors import DeviceError, SpecError
-from inferlink_audit.results import SweepResult
+from inferlink_audit.report import report_html
+from inferlink_audit.results import AuditResult, ModelResult, SweepResult, result_to_dict
 from inferlink_audit.spec_loader import load_spec
 
 from .specs import write_spec
@@ -80,6 +81,7 @@ class Runs:
     record: dict[str, Any]  # the confirmed run's results.json "compute"
     reruns: list[set[tuple[str, str | None]]]  # the scopes each fp32 re-run computed
     reference: tuple[float, float]  # fp32 unfiltered (clean, adversarial) accuracy
+    result: AuditResult | None = None  # the confirmed run, for the report
 
 
 def _sweeps(session: AuditSession) -> list[SweepResult]:
@@ -121,6 +123,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     out = Runs(_sweeps(exact), _sweeps(approximate), _sweeps(confirmed), {}, reruns, (0.0, 0.0))
     out.record = confirmed.compute_record() or {}
     out.reference = exact._evaluator("fgsm_eps0.1")[1]
+    model = ModelResult(
+        name="digits",
+        checkpoint_sha256="",
+        n_examples=360,
+        clean_accuracy=confirmed.clean_accuracy(),
+        attacks=[confirmed.attack_result("fgsm_eps0.1")],
+        sweeps=out.confirmed,
+        lipschitz=None,
+        remediation=None,
+        checks=[],
+        compute=out.record,
+    )
+    out.result = AuditResult(meta=confirmed.meta(0.0), models=[model])
     return out
 
 
@@ -239,3 +254,20 @@ def test_final_labels_after_confirm_equal_exact_fp32(runs: Runs) -> None:
     assert [(s.labels, s.targeted) for s in runs.confirmed] == [
         (s.labels, s.targeted) for s in runs.exact
     ]
+
+
+@needs_bf16
+def test_report_and_results_json_say_which_sweeps_were_confirmed(runs: Runs) -> None:
+    assert runs.result is not None
+    record = result_to_dict(runs.result)["models"][0]["compute"]
+    assert record["precision"] == "bf16" and record["confirm"] is True
+    assert record["calibration"]["variants"] == 1 + len(runs.exact)
+    html = report_html(runs.result)
+    section = html[html.index('<section id="precision') :]
+    section = section[: section.index("</section>")]
+    confirmed = sum(r["confirmed"] for r in record["sweeps"])
+    margin = record["calibration"]["accuracy_margin"]
+    assert f"{confirmed} of {len(record['sweeps'])} sweep evaluations" in section
+    assert f"d = {margin:.4f}" in section
+    assert section.count("(confirmed)") == confirmed
+    assert section.count("no boundary within the margin") == len(record["sweeps"]) - confirmed
