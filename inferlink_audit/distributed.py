@@ -21,16 +21,30 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from .errors import AuditError, SpecError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
     from .spec import AuditSpec
-    from .sweep import EvalData
+
+
+class _Examples(Protocol):
+    """What a share is cut from (``sweep.EvalData``, not imported: sweep imports this)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+
+    @property
+    def n(self) -> int: ...
+
+
+_Data = TypeVar("_Data", bound=_Examples)
 
 # What torchrun (and torch.distributed's env:// rendezvous) sets in every process it starts.
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -74,14 +88,13 @@ class Ranks:
     world: int
     local_rank: int
 
-    def share(self, data: EvalData) -> EvalData:
-        """This rank's part of ``data``: views of its examples, batches at their whole-set
-        positions. ``data.batch_size`` must be the same on every rank."""
-        from .sweep import EvalData
-
+    def share(self, data: _Data) -> _Data:
+        """This rank's part of ``data`` (a ``sweep.EvalData``): views of its examples, batches at
+        their whole-set positions. ``data.batch_size`` must be the same on every rank."""
         start, stop = share_bounds(data.n, data.batch_size, self.world)[self.rank]
         starts = list(range(start, stop, data.batch_size))
-        return EvalData(data.x[start:stop], data.y[start:stop], data.batch_size, starts)
+        part = {"x": data.x[start:stop], "y": data.y[start:stop], "batch_starts": starts}
+        return cast(_Data, replace(cast(Any, data), **part))
 
     def gather(self, *arrays: np.ndarray) -> list[np.ndarray]:
         """Each 1-D array concatenated over the ranks in rank order, on every rank (booleans
