@@ -272,8 +272,8 @@ class FilteringSpec(_Strict):
     )
     fast: bool = Field(
         default=False,
-        description="opt-in approximations (several thresholds per pass, bf16 on CUDA), each "
-        "reporting its measured error",
+        description="opt-in: several thresholds per pass with torch.func.vmap (CUDA and XLA, "
+        "local sweeps with fixed adversarial inputs); the arithmetic is compute.precision's",
     )
     # Memory for the activations a local sweep reuses: every storage the cache keeps alive
     # (FGSM's saved autograd tensors, live and skip values) counts, and a scope whose cache
