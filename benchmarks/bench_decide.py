@@ -319,7 +319,8 @@ def report(runs: list[ModeRun]) -> int:
             f"{calibration.get('variants', 0)} variants, margin "
             f"{calibration.get('accuracy_margin', float('nan')):.4f}; "
             f"{compute.get('confirmed', 0)} of {len(compute.get('sweeps', []))} bf16 sweep "
-            "evaluations confirmed in fp32"
+            "evaluations confirmed in fp32; at their every threshold bf16 was within "
+            f"{compute.get('confirmed_max_abs_accuracy_difference') or 0.0:.4f} of fp32"
         )
         sequential = [s.sequential for s in run.result.models[0].sweeps if s.sequential]
         if sequential:

@@ -51,6 +51,7 @@ from .precision import (
     PairedVariant,
     ScoreMargins,
     calibration_index,
+    largest_difference,
     near_boundary,
     score_margins,
 )
@@ -1019,6 +1020,12 @@ class AuditSession:
         if near:
             exact = self._compute_sweeps(filter_name, attack_id, "fp32", only=set(near))
             by_scope = {(s.scope, s.layer): s for s in exact}
+            # A confirmed sweep checks the margin at every threshold, at no extra cost.
+            records = self._precision_sweeps[-len(sweeps) :]
+            for s, record in zip(sweeps, records, strict=True):
+                if (s.scope, s.layer) in by_scope:
+                    checked = largest_difference(s, by_scope[(s.scope, s.layer)])
+                    record["fp32_max_abs_accuracy_difference"] = checked
             sweeps = [by_scope.get((s.scope, s.layer), s) for s in sweeps]
         self.timings["confirm"] = self.timings.get("confirm", 0.0) + time.perf_counter() - t0
         return sweeps
@@ -1098,6 +1105,11 @@ class AuditSession:
         if compute.precision == "fp32":
             return None
         n_dims = self.prepared.data.x.dim()
+        checked = [
+            s["fp32_max_abs_accuracy_difference"]
+            for s in self._precision_sweeps
+            if "fp32_max_abs_accuracy_difference" in s
+        ]
         return {
             "precision": compute.precision,
             "memory_format": "channels_last" if compute.channels_last(n_dims) else "contiguous",
@@ -1105,6 +1117,13 @@ class AuditSession:
             "calibration": None if self._calibration is None else self._calibration.to_json(),
             "sweeps": self._precision_sweeps,
             "confirmed": sum(1 for s in self._precision_sweeps if s["confirmed"]),
+            # Over the confirmed sweeps' every threshold: how far bf16 really was from fp32.
+            "confirmed_max_abs_accuracy_difference": max(checked, default=None),
+            "confirmed_beyond_margin": sum(
+                1
+                for s in self._precision_sweeps
+                if s.get("fp32_max_abs_accuracy_difference", 0.0) > s["accuracy_margin"]
+            ),
         }
 
     def _ordering(self, scope: str | None, tensors: list[torch.Tensor]) -> SortedScope:

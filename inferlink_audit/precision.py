@@ -132,6 +132,16 @@ def near_boundary(
     return reasons
 
 
+def largest_difference(a: SweepResult, b: SweepResult) -> float:
+    """The largest |Δ accuracy| between two evaluations of one sweep, over its thresholds."""
+    return max(
+        max(abs(x - y) for x, y in zip(a.clean_accuracy, b.clean_accuracy, strict=True)),
+        max(
+            abs(x - y) for x, y in zip(a.adversarial_accuracy, b.adversarial_accuracy, strict=True)
+        ),
+    )
+
+
 def calibration_index(sweep: SweepResult) -> int | None:
     """The threshold of ``sweep`` evaluated in both precisions: the one whose removed fraction
     is nearest one half, among those that remove something and not everything."""

@@ -244,6 +244,23 @@ def test_confirm_reruns_exactly_the_sweeps_within_the_margin(runs: Runs) -> None
         assert (final.labels, final.targeted) == (kept.labels, kept.targeted)
     record = runs.record["sweeps"]
     assert [r["confirmed"] for r in record] == near
+    # A confirmed sweep reports how far bf16 was from fp32 at its every threshold.
+    checked = []
+    for r, exact, approximate in zip(record, runs.exact, runs.approximate, strict=True):
+        if r["confirmed"]:
+            largest = max(
+                abs(a - b)
+                for pair in (
+                    (exact.clean_accuracy, approximate.clean_accuracy),
+                    (exact.adversarial_accuracy, approximate.adversarial_accuracy),
+                )
+                for a, b in zip(*pair, strict=True)
+            )
+            assert r["fp32_max_abs_accuracy_difference"] == largest
+            checked.append(largest)
+        else:
+            assert "fp32_max_abs_accuracy_difference" not in r
+    assert runs.record["confirmed_max_abs_accuracy_difference"] == max(checked)
     assert [r["precision"] for r in record] == ["fp32" if n else "bf16" for n in near]
     assert runs.record["confirmed"] == sum(near)
     assert runs.record["memory_format"] == "channels_last"
