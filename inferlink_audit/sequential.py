@@ -166,6 +166,20 @@ def labels_decided(draws: SweepDraws, look: float) -> bool:
     return targeted <= tail or targeted >= 1.0 - tail
 
 
+def normaliser_certain(sweep: SweepResult, n: int) -> bool:
+    """The look's normaliser (§4: ψa⁰, else ψc⁰ when ψa⁰ = 0, else raw accuracies) is the one
+    the whole test set of ``n`` examples gives.
+
+    A count seen on a subset is a lower bound of the whole set's, so ψa⁰ > 0 on the examples
+    seen (its Wilson interval then excludes 0 at any confidence) makes the whole set's ψa⁰ > 0
+    for certain. ψa⁰ = 0 (or ψc⁰ = 0) on a subset decides nothing: the examples not yet seen
+    may hold a correct one, and a curve normalised by ψc⁰ instead of a small ψa⁰ is another
+    curve, with other labels. Such a sweep is decided only on the whole test set.
+    """
+    seen = sweep.outcomes.n if sweep.outcomes is not None else n
+    return sweep.adversarial_normalised_by == "adversarial" or seen >= n
+
+
 Settled = Callable[[list[SweepResult]], list[bool]]
 
 
@@ -255,22 +269,35 @@ def group_settled(
     sampling: Sampling,
     draws_of: Callable[[SweepResult], SweepDraws],
 ) -> Settled:
-    """The ``settled`` of one (filter, attack) group: a sweep is decided when its labels and
-    targeted flag are (``labels_decided``) and every check that reads it is certain at the
-    look confidence (``sampling.confidence``). Local sweeps are read by every sweep check,
+    """The ``settled`` of one (filter, attack) group: a sweep is decided when its normaliser
+    is the whole test set's (``normaliser_certain``), its labels and targeted flag are
+    decided (``labels_decided``) and every check that reads it is certain at the look
+    confidence (``sampling.confidence``). Local sweeps are read by every sweep check,
     the global one by the regression checks only."""
     mine = [c for c in checks if (c.filter, c.attack) == group and c.check in SWEEP_CHECKS]
 
     def settled(sweeps: list[SweepResult]) -> list[bool]:
         draws = [draws_of(s) for s in sweeps]
         view = _GroupView(measurements, group, sweeps, draws, sampling)
-        open_checks = [c for c in mine if evaluate_check(c, view).certain is False]
+        # A check reading a sweep whose normaliser is not yet the whole set's is not decided.
+        unsure = {s.scope for s in sweeps if not normaliser_certain(s, sampling.n)}
+        open_checks = [
+            c
+            for c in mine
+            if "local" in unsure
+            or (unsure and c.check in REGRESSION_CHECKS)
+            or evaluate_check(c, view).certain is False
+        ]
         status = []
         for sweep, d in zip(sweeps, draws, strict=True):
             readers = [
                 c for c in open_checks if sweep.scope == "local" or c.check in REGRESSION_CHECKS
             ]
-            status.append(not readers and labels_decided(d, sampling.confidence))
+            status.append(
+                not readers
+                and normaliser_certain(sweep, sampling.n)
+                and labels_decided(d, sampling.confidence)
+            )
         return status
 
     return settled

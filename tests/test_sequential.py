@@ -190,6 +190,40 @@ def test_sequential_sweeps_are_cached_with_their_records_and_keyed_by_the_checks
     assert third.cache_key("low_pass", "fgsm_eps0.1") != first.cache_key("low_pass", "fgsm_eps0.1")
 
 
+# FGSM at ε = 0.6 leaves 7 of the 360 digits correct (ψa⁰ = 7/360), none of them in the
+# first round of seed 0's order: on that round's 64 examples ψa⁰ = 0, so every bootstrap draw
+# normalises the adversarial curve by ψc⁰ instead and the labels look certain, wrongly.
+STRONG = [{"fgsm": {"eps": 0.6}}]
+STRONG_CHECKS = {
+    "max_fragile_fraction": {"value": 0.40, "on": "adversarial"},
+    "max_targeted_layers": 1,
+}
+
+
+def test_a_sweep_is_not_decided_while_its_normaliser_may_differ_from_the_whole_sets(
+    tmp_path: Path,
+) -> None:
+    def run(name: str, statistics: dict[str, Any]) -> dict[str, Any]:
+        path = write_spec(
+            tmp_path, name, data=DATA, filtering=FILTERING, attacks=STRONG,
+            checks=STRONG_CHECKS, statistics=statistics,
+        )  # fmt: skip
+        result, _, _ = run_audit(load_spec(path))
+        return result_to_dict(result)["models"][0]
+
+    full = run("exact.yaml", {"resamples": 200, "confidence": look_confidence(0.95, 6)})
+    model = run("sequential.yaml", SEQUENTIAL)
+    assert {s["adversarial_normalised_by"] for s in full["sweeps"]} == {"adversarial"}
+    for exact, sweep in zip(full["sweeps"], model["sweeps"], strict=True):
+        if sweep["sequential"]["decided"]:
+            assert (sweep["labels"], sweep["targeted"]) == (exact["labels"], exact["targeted"])
+    for exact, check in zip(full["checks"], model["checks"], strict=True):
+        if check["certain"]:
+            assert check["passed"] == exact["passed"], check["id"]
+    # Every sweep went on until it met a correct adversarial example.
+    assert {s["adversarial_normalised_by"] for s in model["sweeps"]} == {"adversarial"}
+
+
 def test_the_points_of_an_eps_curve_use_every_example(tmp_path: Path) -> None:
     """eps_not_monotone compares a curve's points example by example, so a curve's accuracies
     never stop early; a single attack with a clearly met minimum does."""
