@@ -47,6 +47,7 @@ from .filters import FilterName, SortedScope
 from .layers import AnalysedLayer, select_layers
 from .models import LoadedModel, check_batch, load_model
 from .precision import (
+    SAFETY,
     Calibration,
     PairedVariant,
     ScoreMargins,
@@ -834,10 +835,24 @@ class AuditSession:
         if "global" in self.spec.filtering.scopes:
             keys.append(None)
         tolerance = self.spec.filtering.tolerance
+        precision = self.spec.compute.precision
+        confirm = precision != "fp32" and self.spec.compute.confirms
+        if confirm:  # rounds in bf16 alone; each sweep is confirmed once, when it closes
 
-        def evaluate_round(r: int, open_keys: list[Any]) -> dict[Any, SweepResult]:
-            with self._round(r, open_keys):
-                return {s.layer: s for s in compute(filter_name, attack_id)}  # type: ignore[arg-type]
+            def compute(f: FilterName, a: str) -> list[SweepResult]:
+                t0 = time.perf_counter()
+                out = self._compute_sweeps(f, a, precision)
+                self.timings["bf16"] = self.timings.get("bf16", 0.0) + time.perf_counter() - t0
+                return out
+
+        def rounds_of(
+            compute: Callable[[FilterName, str], list[SweepResult]],
+        ) -> Callable[[int, list[Any]], dict[Any, SweepResult]]:
+            def evaluate_round(r: int, open_keys: list[Any]) -> dict[Any, SweepResult]:
+                with self._round(r, open_keys):
+                    return {s.layer: s for s in compute(filter_name, attack_id)}  # type: ignore[arg-type]
+
+            return evaluate_round
 
         def draws_of(sweep: SweepResult) -> SweepDraws:
             assert sweep.outcomes is not None
@@ -848,9 +863,125 @@ class AuditSession:
         assert sampling is not None
         group = (filter_name, attack_id)
         settled = group_settled(self, group, plan_checks(self.spec), sampling, draws_of)
-        return run_in_rounds(
-            keys, plan, evaluate_round, lambda parts: merge_rounds(parts, plan, tolerance), settled
-        )
+
+        def merge(parts: list[SweepResult]) -> SweepResult:
+            return merge_rounds(parts, plan, tolerance)
+
+        parts: dict[Any, list[SweepResult]] = {}
+        sweeps = run_in_rounds(keys, plan, rounds_of(compute), merge, settled, parts)
+        if not confirm:
+            return sweeps
+        t0 = time.perf_counter()
+        near = self._confirm_rounds(filter_name, attack_id, sweeps, parts, merge)  # type: ignore[arg-type]
+        self.timings["confirm"] = self.timings.get("confirm", 0.0) + time.perf_counter() - t0
+        if not near:
+            return sweeps
+        # A confirmed sweep is looked at again in fp32; still undecided, it goes on in fp32.
+        fp32 = rounds_of(lambda f, a: self._compute_sweeps(f, a, "fp32"))
+        return run_in_rounds(keys, plan, fp32, merge, settled, parts, reopen=near)
+
+    def _confirm_rounds(
+        self,
+        filter_name: FilterName,
+        attack_id: str,
+        sweeps: list[SweepResult],
+        parts: dict[str | None, list[SweepResult]],
+        merge: Callable[[list[SweepResult]], SweepResult],
+    ) -> list[str | None]:
+        """Confirm sequential bf16 sweeps once each, on the examples each used: calibrate on
+        them (the unfiltered network over the group's rounds, each sweep's variant nearest
+        half removed over its own), and re-run in fp32, round by round, the sweeps within the
+        margin of a boundary; their ``parts`` become the fp32 rounds. Returns those keys."""
+        assert self._plan is not None
+        n = self._plan.n
+        if self._calibration is None:
+            self._calibration = Calibration(n)
+        calibration = self._calibration
+        used = {s.layer: len(parts[s.layer]) for s in sweeps}
+        self._calibrate_rounds(filter_name, attack_id, sweeps, used)
+        tolerance = self.spec.filtering.tolerance
+        near: list[str | None] = []
+        for s in sweeps:
+            assert s.outcomes is not None
+            m = s.outcomes.n
+            margin = SAFETY * max(calibration.max_delta, 1.0 / m)
+            reference = (
+                float(s.outcomes.unpacked(s.outcomes.unfiltered_clean).sum()) / m,
+                float(s.outcomes.unpacked(s.outcomes.unfiltered_adversarial).sum()) / m,
+            )
+            margins = score_margins(s, margin, reference)
+            reasons = near_boundary(s, margins, tolerance, self._score_drop_values(s, margins))
+            self._precision_sweeps.append(
+                {
+                    "filter": filter_name,
+                    "attack": attack_id,
+                    "scope": s.scope,
+                    "layer": s.layer,
+                    "examples": m,
+                    "precision": "fp32" if reasons else "bf16",
+                    "confirmed": bool(reasons),
+                    "reasons": reasons,
+                    "accuracy_margin": margin,
+                    "score_margins": asdict(margins),
+                }
+            )
+            if reasons:
+                near.append(s.layer)
+        records = self._precision_sweeps[-len(sweeps) :]
+        fp32: dict[str | None, list[SweepResult]] = {key: [] for key in near}
+        for r in range(max((used[key] for key in near), default=0)):
+            due = [key for key in near if used[key] > r]
+            with self._round(r, due):
+                for out in self._compute_sweeps(filter_name, attack_id, "fp32"):
+                    fp32[out.layer].append(out)
+        for s, record in zip(sweeps, records, strict=True):
+            if s.layer in fp32:
+                parts[s.layer] = fp32[s.layer]
+                checked = largest_difference(s, merge(fp32[s.layer]))
+                record["fp32_max_abs_accuracy_difference"] = checked
+        return near
+
+    def _calibrate_rounds(
+        self,
+        filter_name: FilterName,
+        attack_id: str,
+        sweeps: list[SweepResult],
+        used: dict[str | None, int],
+    ) -> None:
+        """``_calibrate`` for sweeps evaluated in rounds: each pair on the rounds it used."""
+        assert self._calibration is not None
+        pairs, filtering = self._calibration.pairs, self.spec.filtering
+        rounds = max(used.values(), default=0)
+        if rounds and not any(p.where == f"unfiltered {attack_id}" for p in pairs):
+            counts, m = np.zeros((2, 2)), 0
+            for r in range(rounds):
+                with self._round(r, []):
+                    size = self.prepared.data.n
+                    both = (self._evaluator(attack_id)[1], self._evaluator(attack_id, "bf16")[1])
+                    counts += np.round(np.asarray(both) * size)
+                    m += size
+            (c32, a32), (c16, a16) = (counts / m).tolist()
+            pairs.append(PairedVariant(f"unfiltered {attack_id}", (c32, a32), (c16, a16)))
+        for s in sweeps:
+            k = calibration_index(s)
+            if k is None:
+                continue
+            correct, m = np.zeros(2), 0
+            for r in range(used[s.layer]):
+                with self._round(r, [s.layer]), frozen_parameters(self.prepared.loaded.module):
+                    tensors = self._scope_tensors(s.layer)
+                    variant = evaluate_variant(
+                        tensors, self._ordering(s.layer, tensors), filter_name, s.thresholds[k],
+                        self._evaluator(attack_id)[0], thresholds=filtering.thresholds,
+                        value_range=filtering.range if s.scope == "global" else None,
+                    )  # fmt: skip
+                    correct += np.round(np.asarray(variant) * self.prepared.data.n)
+                    m += self.prepared.data.n
+            where = f"{filter_name} {attack_id} {s.layer or 'global'} threshold {k}"
+            fp32 = (float(correct[0] / m), float(correct[1] / m))
+            pairs.append(
+                PairedVariant(where, fp32, (s.clean_accuracy[k], s.adversarial_accuracy[k]))
+            )
 
     def _unfiltered_parts(self, attack_id: str | None, correct: Callable[[], int]) -> Any:
         """The data an unfiltered accuracy is measured on: the whole (share of the) test set,
@@ -1007,7 +1138,7 @@ class AuditSession:
                     "attack": attack_id,
                     "scope": s.scope,
                     "layer": s.layer,
-                    "examples": self.prepared.data.n,  # a sequential round's, or all
+                    "examples": self.prepared.data.n,
                     "precision": "fp32" if reasons else "bf16",
                     "confirmed": bool(reasons),
                     "reasons": reasons,
@@ -1039,9 +1170,6 @@ class AuditSession:
         n = self.prepared.data.n
         if self._calibration is None:
             self._calibration = Calibration(n)
-        # In a sequential run each round is calibrated and confirmed on its own examples: one
-        # example of the smallest round is the least a difference can be.
-        self._calibration.n_examples = min(self._calibration.n_examples, n)
         pairs = self._calibration.pairs
         if not any(p.where == f"unfiltered {attack_id}" for p in pairs):
             exact = self._evaluator(attack_id)[1]

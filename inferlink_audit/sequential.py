@@ -189,23 +189,43 @@ def run_in_rounds(
     evaluate_round: Callable[[int, list[Hashable]], dict[Hashable, SweepResult]],
     merge: Callable[[list[SweepResult]], SweepResult],
     settled: Settled,
+    parts: dict[Hashable, list[SweepResult]] | None = None,
+    reopen: Sequence[Hashable] | None = None,
 ) -> list[SweepResult]:
     """The sweeps ``keys``, each evaluated round by round until ``settled`` says everything
     reading it is decided or the rounds run out; each gets its ``SequentialRecord``.
 
-    ``evaluate_round(r, open_keys)`` gives round r's sweeps (their outcomes on that round's
-    examples); ``settled(sweeps)`` looks at the merged sweeps (all keys, in order) and says
-    which are decided. Every look is one of at most ``plan.rounds``. A closed sweep never
-    reopens, so each quantity is looked at no more often than the correction allows for.
+    ``evaluate_round(r, due)`` gives round r's sweeps (their outcomes on that round's
+    examples) for the keys ``due``; ``settled(sweeps)`` looks at the merged sweeps (all keys,
+    in order) and says which are decided. Every look is one of at most ``plan.rounds``. A
+    closed sweep never reopens, so each quantity is looked at no more often than the
+    correction allows for.
+
+    ``parts`` (filled in place) holds each key's rounds so far: a caller may replace some of
+    them (bf16 rounds confirmed in fp32) and go on with ``reopen``, the keys to look at again
+    on what they have and evaluate further if still undecided; the others stay closed.
     """
-    parts: dict[Hashable, list[SweepResult]] = {key: [] for key in keys}
-    merged: dict[Hashable, SweepResult] = {}
-    open_keys = list(keys)
+    parts = {} if parts is None else parts
+    for key in keys:
+        parts.setdefault(key, [])
+    merged = {key: merge(parts[key]) for key in keys if parts[key]}
     status = [False] * len(keys)
-    for r in range(plan.rounds):
-        for key, part in evaluate_round(r, open_keys).items():
+    if len(merged) == len(keys):
+        status = settled([merged[key] for key in keys])
+    candidates = set(keys if reopen is None else reopen)
+    open_keys = [
+        k
+        for k, done in zip(keys, status, strict=True)
+        if k in candidates and not done and len(parts[k]) < plan.rounds
+    ]
+    start = min((len(parts[k]) for k in open_keys), default=plan.rounds)
+    for r in range(start, plan.rounds):
+        due = [k for k in open_keys if len(parts[k]) == r]
+        if not due:
+            continue
+        for key, part in evaluate_round(r, due).items():
             parts[key].append(part)
-        merged.update({key: merge(parts[key]) for key in open_keys})
+        merged.update({key: merge(parts[key]) for key in due})
         status = settled([merged[key] for key in keys])
         open_keys = [k for k, done in zip(keys, status, strict=True) if k in open_keys and not done]
         if not open_keys:

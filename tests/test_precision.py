@@ -288,3 +288,85 @@ def test_report_and_results_json_say_which_sweeps_were_confirmed(runs: Runs) -> 
     assert f"d = {margin:.4f}" in section
     assert section.count("(confirmed)") == confirmed
     assert section.count("no boundary within the margin") == len(record["sweeps"]) - confirmed
+
+
+# --------------------------------------------------------------------------- sequential
+SEQ_DATA = {
+    "source": "sklearn_digits",
+    "batch_size": 360,
+    "normalize": {"mean": [0.5], "std": [0.5]},
+}
+SEQ_CHECKS = {"max_fragile_fraction": {"value": 0.40}, "max_targeted_layers": 4}
+SEQUENTIAL = {"resamples": 200, "sequential": {"round": 64}}
+
+
+@needs_bf16
+def test_sequential_bf16_confirms_each_sweep_once_on_the_examples_it_used(
+    tmp_path: Path,
+) -> None:
+    """Rounds run in bf16 alone; when a sweep closes it is confirmed once: exactly the sweeps
+    within their margin (computed here from the bf16 sweeps and the fp32 ψ⁰ of the examples
+    each used) are re-run in fp32, on the rounds they used, and their final numbers are fp32's
+    on those examples (checked against the exact run's per-example outcomes)."""
+
+    def session(name: str, **extra: Any) -> AuditSession:
+        filtering = {"thresholds": THRESHOLDS, "filters": ["low_pass"]}
+        path = write_spec(
+            tmp_path, name, data=SEQ_DATA, filtering=filtering, checks=SEQ_CHECKS, **extra
+        )
+        return AuditSession(load_spec(path))
+
+    exact = session("exact.yaml", statistics={"resamples": 200})
+    bf16 = session(
+        "bf16.yaml", statistics=SEQUENTIAL, compute={"precision": "bf16", "confirm": False}
+    )
+    confirmed = session("confirm.yaml", statistics=SEQUENTIAL, compute={"precision": "bf16"})
+    fp32_rounds: list[set[str | None]] = []
+    compute = confirmed._compute_sweeps
+
+    def spy(filter_name: Any, attack_id: str, precision: Any = "fp32", only: Any = None) -> Any:
+        if precision == "fp32" and confirmed._round_open is not None:
+            fp32_rounds.append(set(confirmed._round_open))
+        return compute(filter_name, attack_id, precision, only)
+
+    confirmed._compute_sweeps = spy  # type: ignore[method-assign]
+    final = confirmed.sweeps("low_pass", "fgsm_eps0.1")
+    plain = bf16.sweeps("low_pass", "fgsm_eps0.1")
+    full = exact.sweeps("low_pass", "fgsm_eps0.1")
+    record = confirmed.compute_record() or {}
+    assert len(record["sweeps"]) == len(final)  # once per sweep, not per round
+    plan = confirmed._plan
+    assert plan is not None
+    near = []
+    for s, r in zip(plain, record["sweeps"], strict=True):
+        assert s.outcomes is not None and s.sequential is not None
+        m = s.outcomes.n
+        assert r["examples"] == m
+        deltas = [
+            max(abs(a - b) for a, b in zip(p["fp32"], p["bf16"], strict=True))
+            for p in record["calibration"]["pairs"]
+        ]
+        assert r["accuracy_margin"] == pytest.approx(2 * max(max(deltas), 1 / m))
+        reference = (
+            float(s.outcomes.unpacked(s.outcomes.unfiltered_clean).sum()) / m,
+            float(s.outcomes.unpacked(s.outcomes.unfiltered_adversarial).sum()) / m,
+        )
+        near.append(_near(s, r["accuracy_margin"], reference))
+    assert [r["confirmed"] for r in record["sweeps"]] == near
+    assert any(near) and not all(near)
+    rerun = {s.layer for s, n in zip(plain, near, strict=True) if n}
+    assert set().union(*fp32_rounds) == rerun
+    for s, f, b, n in zip(final, full, plain, near, strict=True):
+        assert s.sequential is not None and b.sequential is not None
+        if not n:
+            assert s.clean_accuracy == b.clean_accuracy and s.labels == b.labels
+            continue
+        assert s.sequential.rounds >= b.sequential.rounds
+        where = plan.indices(s.sequential.rounds)
+        assert f.outcomes is not None
+        clean = f.outcomes.unpacked(f.outcomes.clean)[:, where].sum(axis=1) / len(where)
+        adversarial = f.outcomes.unpacked(f.outcomes.adversarial)[:, where].sum(axis=1)
+        assert s.clean_accuracy == pytest.approx(clean.tolist(), abs=1e-12)
+        assert s.adversarial_accuracy == pytest.approx(
+            (adversarial / len(where)).tolist(), abs=1e-12
+        )

@@ -356,6 +356,48 @@ def test_sequential_stopping_keeps_the_coverage_that_the_uncorrected_rule_loses(
     assert clear >= 0.90 and stopped >= 0.9
 
 
+def test_a_reopened_sweep_is_looked_at_again_and_goes_on_only_while_undecided() -> None:
+    """What bf16 confirmation relies on: after a first run, a key's rounds replaced and the
+    key reopened, it is looked at on what it has, evaluated further only while ``settled``
+    says no, and the other keys are never evaluated again."""
+    removed = np.linspace(0.0, 1.0, T)
+    plan = RoundPlan.of(N, ROUND, 8, N, 0)
+    bits = np.ones((T, N), dtype=bool)
+    calls: list[tuple[int, list[Any]]] = []
+
+    def evaluate_round(r: int, keys: list[Any]) -> dict[Any, SweepResult]:
+        calls.append((r, list(keys)))
+        part = bits[:, plan.indices(r + 1, r)]
+        packed, first = np.packbits(part, axis=-1), np.packbits(part[0])
+        outcomes = SweepOutcomes(part.shape[1], packed, packed, first, first)
+        return {key: _sweep(outcomes, removed) for key in keys}
+
+    def merge(parts: list[SweepResult]) -> SweepResult:
+        return merge_rounds(parts, plan, TAU)
+
+    needed = {"a": 2, "b": 2}
+
+    def settled(sweeps: list[SweepResult]) -> list[bool]:
+        return [
+            s.outcomes is not None and s.outcomes.n >= ROUND * needed[key]
+            for key, s in zip("ab", sweeps, strict=True)
+        ]
+
+    parts: dict[Any, list[SweepResult]] = {}
+    first = run_in_rounds(["a", "b"], plan, evaluate_round, merge, settled, parts)
+    assert calls == [(0, ["a", "b"]), (1, ["a", "b"])]
+    assert [s.sequential.rounds for s in first if s.sequential] == [2, 2]
+    calls.clear()
+    needed["a"] = 5  # confirmed in another precision, "a" is no longer decided
+    again = run_in_rounds(["a", "b"], plan, evaluate_round, merge, settled, parts, reopen=["a"])
+    assert calls == [(2, ["a"]), (3, ["a"]), (4, ["a"])]
+    records = [s.sequential for s in again]
+    assert [(r.rounds, r.decided) for r in records if r] == [(5, True), (2, True)]
+    calls.clear()
+    run_in_rounds(["a", "b"], plan, evaluate_round, merge, settled, parts, reopen=["b"])
+    assert calls == []  # "b" is decided on what it has: not evaluated again
+
+
 # --------------------------------------------------------------------------- spec errors
 def test_sequential_with_fast_batched_passes_is_a_spec_error_naming_the_key(
     tmp_path: Path,
