@@ -658,7 +658,10 @@ class AuditSession:
             if cached is None:
                 t0 = time.perf_counter()
                 label, planned = f"sweep {filter_name} {attack_id}", self._variants_planned()
-                with progress_step(self.progress, label, planned, "variant", self.prepared.data.n):
+                unit, n = "variant", self.prepared.data.n
+                if self._plan is not None:  # each round evaluates a variant again, on new examples
+                    planned, unit = planned * self._plan.rounds, "variant round"
+                with progress_step(self.progress, label, planned, unit, n):
                     cached = self._in_rounds(filter_name, attack_id, self._compute_in_precision)
                 where = f"sweeps of {filter_name} under {attack_id}"
                 verify_unchanged(self.prepared.loaded.module, self.prepared.digest, where)
@@ -929,11 +932,14 @@ class AuditSession:
                 near.append(s.layer)
         records = self._precision_sweeps[-len(sweeps) :]
         fp32: dict[str | None, list[SweepResult]] = {key: [] for key in near}
-        for r in range(max((used[key] for key in near), default=0)):
-            due = [key for key in near if used[key] > r]
-            with self._round(r, due):
-                for out in self._compute_sweeps(filter_name, attack_id, "fp32"):
-                    fp32[out.layer].append(out)
+        label = f"confirm {filter_name} {attack_id} in fp32"
+        total = sum(used[key] for key in near) * self.spec.filtering.thresholds
+        with progress_step(self.progress, label, total, "variant round", n):
+            for r in range(max((used[key] for key in near), default=0)):
+                due = [key for key in near if used[key] > r]
+                with self._round(r, due):
+                    for out in self._compute_sweeps(filter_name, attack_id, "fp32"):
+                        fp32[out.layer].append(out)
         for s, record in zip(sweeps, records, strict=True):
             if s.layer in fp32:
                 parts[s.layer] = fp32[s.layer]
@@ -1149,7 +1155,10 @@ class AuditSession:
             if reasons:
                 near[(s.scope, s.layer)] = reasons
         if near:
-            exact = self._compute_sweeps(filter_name, attack_id, "fp32", only=set(near))
+            label = f"confirm {filter_name} {attack_id} in fp32"
+            total = len(near) * self.spec.filtering.thresholds
+            with progress_step(self.progress, label, total, "variant", self.prepared.data.n):
+                exact = self._compute_sweeps(filter_name, attack_id, "fp32", only=set(near))
             by_scope = {(s.scope, s.layer): s for s in exact}
             # A confirmed sweep checks the margin at every threshold, at no extra cost.
             records = self._precision_sweeps[-len(sweeps) :]

@@ -231,3 +231,30 @@ def test_a_threshold_that_is_not_seconds_is_a_usage_error(pytester: pytest.Pytes
     result.stderr.fnmatch_lines(
         [f"ERROR: {INI_PROGRESS_AFTER} = 'soon': give the seconds after which a running step*"]
     )
+
+
+def test_a_sequential_sweeps_bar_counts_each_round_and_never_passes_its_total(
+    tmp_path: Path,
+) -> None:
+    """Under ``statistics.sequential`` every round evaluates the open sweeps' variants again:
+    the sweep step's total counts a variant once per round (its most work), and the variants
+    done stay within it (one pass's total was overshot as soon as a second round ran)."""
+    data = {"source": "sklearn_digits", "batch_size": 360}
+    spec = load_spec(
+        write_spec(
+            tmp_path, data=data, filtering={"thresholds": 5, "filters": ["low_pass"]},
+            checks={"max_fragile_fraction": {"value": 0.4}},
+            statistics={"resamples": 100, "sequential": {"round": 64}},
+        )
+    )  # fmt: skip
+    recorder = Recorder()
+    token = set_progress(recorder)
+    try:
+        _, _, session = run_audit(spec)
+    finally:
+        reset_progress(token)
+    sweep = next(s for s in recorder.finished if s.label == "sweep low_pass fgsm_eps0.1")
+    one_pass = (len(session.prepared.layers) + 1) * 5
+    assert session._plan is not None
+    assert (sweep.unit, sweep.total) == ("variant round", one_pass * session._plan.rounds)
+    assert one_pass < sweep.done <= sweep.total
