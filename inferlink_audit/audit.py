@@ -51,7 +51,9 @@ from .precision import (
     Calibration,
     PairedVariant,
     ScoreMargins,
+    calibration_from_json,
     calibration_index,
+    compute_summary,
     largest_difference,
     near_boundary,
     score_margins,
@@ -653,6 +655,15 @@ class AuditSession:
             needs_outcomes = self.spec.statistics is not None
             if cached is not None and needs_outcomes and any(s.outcomes is None for s in cached):
                 cached = None  # an entry written before outcomes were kept
+            bf16 = self.spec.compute.precision != "fp32"
+            if cached is not None and bf16:
+                record = getattr(self.cache, "get_record", lambda key: None)(
+                    self.cache_key(filter_name, attack_id)
+                )
+                if record is None:
+                    cached = None  # no compute record: recomputed rather than reported without
+                else:
+                    self._restore_compute(record)
             if self.ranks is not None and not self.ranks.all_true(cached is not None):
                 cached = None  # every rank computes the sweep, or none does
             if cached is None:
@@ -669,6 +680,9 @@ class AuditSession:
                 self.computed_sweeps += 1
                 if self.cache is not None and (self.ranks is None or self.ranks.rank == 0):
                     self.cache.put(self.cache_key(filter_name, attack_id), cached)
+                    if bf16 and hasattr(self.cache, "put_record"):
+                        record = self._group_compute(filter_name, attack_id)
+                        self.cache.put_record(self.cache_key(filter_name, attack_id), record)
             self._sweeps[key] = self._with_statistics(key, cached)
         return self._sweeps[key]
 
@@ -1242,26 +1256,40 @@ class AuditSession:
         if compute.precision == "fp32":
             return None
         n_dims = self.prepared.data.x.dim()
-        checked = [
-            s["fp32_max_abs_accuracy_difference"]
-            for s in self._precision_sweeps
-            if "fp32_max_abs_accuracy_difference" in s
-        ]
-        return {
+        head = {
             "precision": compute.precision,
             "memory_format": "channels_last" if compute.channels_last(n_dims) else "contiguous",
             "confirm": compute.confirms,
-            "calibration": None if self._calibration is None else self._calibration.to_json(),
-            "sweeps": self._precision_sweeps,
-            "confirmed": sum(1 for s in self._precision_sweeps if s["confirmed"]),
-            # Over the confirmed sweeps' every threshold: how far bf16 really was from fp32.
-            "confirmed_max_abs_accuracy_difference": max(checked, default=None),
-            "confirmed_beyond_margin": sum(
-                1
-                for s in self._precision_sweeps
-                if s.get("fp32_max_abs_accuracy_difference", 0.0) > s["accuracy_margin"]
-            ),
         }
+        return compute_summary(head, self._calibration, self._precision_sweeps)
+
+    def _group_compute(self, filter_name: str, attack_id: str) -> dict[str, Any]:
+        """What one (filter, attack) group added to the ``compute`` record: its sweeps' records
+        and the calibration pairs measured on them (kept with its cached sweeps)."""
+        pairs = [] if self._calibration is None else self._calibration.pairs
+        mine = (f"unfiltered {attack_id}", f"{filter_name} {attack_id} ")
+        return {
+            "sweeps": [
+                r
+                for r in self._precision_sweeps
+                if (r["filter"], r["attack"]) == (filter_name, attack_id)
+            ],
+            "pairs": [
+                {"where": p.where, "fp32": list(p.fp32), "bf16": list(p.bf16)}
+                for p in pairs
+                if p.where == mine[0] or p.where.startswith(mine[1])
+            ],
+        }
+
+    def _restore_compute(self, record: dict[str, Any]) -> None:
+        """A cached group's ``compute`` records back in this session's."""
+        self._precision_sweeps.extend(record["sweeps"])
+        if self.spec.compute.confirms:
+            if self._calibration is None:
+                self._calibration = Calibration(self.prepared.data.n)
+            known = {p.where for p in self._calibration.pairs}
+            restored = calibration_from_json(self.prepared.data.n, {"pairs": record["pairs"]})
+            self._calibration.pairs += [p for p in restored.pairs if p.where not in known]
 
     def _ordering(self, scope: str | None, tensors: list[torch.Tensor]) -> SortedScope:
         """A scope's sorted values, computed once for every filter and attack (the weights

@@ -29,6 +29,7 @@ from .results import SweepResult, sweep_from_dict
 __all__ = ["CACHE_FORMAT", "DiskSweepCache", "tensors_sha256"]
 
 CACHE_FORMAT = "inferlink-audit/sweep-cache/v1"
+RECORD_FORMAT = "inferlink-audit/sweep-cache-record/v1"
 _SAFE_NAME = re.compile(r"^[0-9a-f]{16,128}$")
 
 
@@ -77,6 +78,41 @@ class DiskSweepCache:
             atomic_write_text(self.path_for(key), json.dumps(entry) + "\n")
         except OSError:
             self.write_errors += 1
+
+    def put_record(self, key: str, record: dict[str, Any]) -> None:
+        """Keep a JSON record with ``key``'s sweeps (what results.json says of how they were
+        computed, e.g. ``compute``'s bf16 calibration), checksummed like the sweeps."""
+        body = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        entry = {"format": RECORD_FORMAT, "key": key, "sha256": _digest(body), "payload": body}
+        try:
+            atomic_write_text(self._record_path(key), json.dumps(entry) + "\n")
+        except OSError:
+            self.write_errors += 1
+
+    def get_record(self, key: str) -> dict[str, Any] | None:
+        """The record ``put_record`` kept for ``key``; None when absent or not exactly that."""
+        path = self._record_path(key)
+        try:
+            entry: Any = json.loads(path.read_text(encoding="utf-8"))
+            body = entry["payload"]
+            if (entry["format"], entry["key"], entry["sha256"]) == (
+                RECORD_FORMAT,
+                key,
+                _digest(body),
+            ):
+                record = json.loads(body)
+                if isinstance(record, dict):
+                    return record
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError):
+            pass
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        return None
+
+    def _record_path(self, key: str) -> Path:
+        return self.path_for(key).with_suffix(".record.json")
 
     def _discard(self, path: Path) -> None:
         self.misses += 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import numpy as np
 from scipy.integrate import simpson
@@ -147,3 +148,60 @@ def calibration_index(sweep: SweepResult) -> int | None:
     is nearest one half, among those that remove something and not everything."""
     inside = [(abs(r - 0.5), k) for k, r in enumerate(sweep.removed_fraction) if 0.0 < r < 1.0]
     return min(inside)[1] if inside else None
+
+
+def calibration_from_json(n_examples: int, record: dict[str, Any] | None) -> Calibration:
+    """A ``Calibration`` back from its results.json form (``Calibration.to_json``)."""
+    pairs = [
+        PairedVariant(p["where"], tuple(p["fp32"]), tuple(p["bf16"]))
+        for p in (record or {}).get("pairs", [])
+    ]
+    return Calibration(n_examples, pairs)
+
+
+def compute_summary(
+    head: dict[str, Any], calibration: Calibration | None, sweeps: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """results.json's ``compute`` from its settings (``head``), the calibration and each bf16
+    sweep's record: the same whether the sweeps were computed, read from the sweep cache or
+    joined from CI shards."""
+    checked = [
+        s["fp32_max_abs_accuracy_difference"]
+        for s in sweeps
+        if "fp32_max_abs_accuracy_difference" in s
+    ]
+    return head | {
+        "calibration": None if calibration is None else calibration.to_json(),
+        "sweeps": sweeps,
+        "confirmed": sum(1 for s in sweeps if s["confirmed"]),
+        # Over the confirmed sweeps' every threshold: how far bf16 really was from fp32.
+        "confirmed_max_abs_accuracy_difference": max(checked, default=None),
+        "confirmed_beyond_margin": sum(
+            1
+            for s in sweeps
+            if s.get("fp32_max_abs_accuracy_difference", 0.0) > s["accuracy_margin"]
+        ),
+    }
+
+
+def merge_compute_records(
+    records: Sequence[dict[str, Any] | None], n_examples: int
+) -> dict[str, Any] | None:
+    """One ``compute`` record from several runs' (CI shards) over disjoint sweeps: their
+    sweep records side by side, their calibration pairs together (each once)."""
+    present = [r for r in records if r is not None]
+    if not present:
+        return None
+    first = present[0]
+    head: dict[str, Any] = {
+        k: first[k] for k in ("precision", "memory_format", "confirm") if k in first
+    }
+    pairs: dict[str, dict[str, Any]] = {}
+    for r in present:
+        for pair in (r.get("calibration") or {}).get("pairs", []):
+            pairs.setdefault(pair["where"], pair)
+    calibrated = any(r.get("calibration") is not None for r in present)
+    calibration = (
+        calibration_from_json(n_examples, {"pairs": list(pairs.values())}) if calibrated else None
+    )
+    return compute_summary(head, calibration, [s for r in present for s in r.get("sweeps", [])])

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .attack_sanity import Indicator
 from .checks import PlannedCheck, evaluate_check, find_baseline_model, is_check, plan_checks
 from .errors import AuditError
+from .precision import merge_compute_records
 from .results import (
     AttackResult,
     AuditResult,
@@ -242,6 +243,7 @@ def _shard_model(
         adversarial_source=spec.filtering.adversarial_source,
         eps_curves=session.eps_curves() if first else None,
         units=session.unit_semantics() if first else None,
+        compute=session.compute_record(),
     )
 
 
@@ -380,7 +382,8 @@ def merge_shards(runs: Sequence[tuple[Path, AuditResult]]) -> AuditResult:
             by_key.setdefault((s.filter, s.attack), []).append(s)
     base = first.models[0]
     sweeps = [s for f, a in info["all_sweeps"] for s in by_key.get((f, a), [])]
-    joined = replace(base, sweeps=sweeps, checks=[])
+    compute = merge_compute_records([run.models[0].compute for _, run in ordered], base.n_examples)
+    joined = replace(base, sweeps=sweeps, checks=[], compute=compute)
     recorded = {c.id: c for c in base.checks}
     members = {layer: [tuple(m) for m in pairs] for layer, pairs in info["members"].items()}
     measurements = _Merged(joined, recorded, members, info.get("baseline"), base.spec_path)

@@ -370,3 +370,55 @@ def test_sequential_bf16_confirms_each_sweep_once_on_the_examples_it_used(
         assert s.adversarial_accuracy == pytest.approx(
             (adversarial / len(where)).tolist(), abs=1e-12
         )
+
+
+# --------------------------------------------------------------------------- cache and shards
+def _bf16_spec(folder: Path) -> Path:
+    return write_spec(
+        folder,
+        data={"source": "sklearn_digits", "limit": 180, "batch_size": 180},
+        filtering={"thresholds": THRESHOLDS, "filters": FILTERS},
+        compute={"precision": "bf16"},
+    )
+
+
+def _by_sweep(record: dict[str, Any]) -> dict[str, Any]:
+    """A ``compute`` record with its sweeps and pairs keyed, so order does not matter."""
+    return record | {
+        "sweeps": {(r["filter"], r["layer"]): r for r in record["sweeps"]},
+        "calibration": record["calibration"]
+        | {"pairs": {p["where"]: p for p in record["calibration"]["pairs"]}},
+    }
+
+
+@needs_bf16
+def test_sweeps_read_from_the_cache_keep_their_compute_record(tmp_path: Path) -> None:
+    """A second session reads bf16 sweeps from the sweep cache, computes none, and reports
+    the same calibration and per-sweep confirmation as the session that computed them."""
+    from inferlink_audit.cache import DiskSweepCache
+
+    cache = DiskSweepCache(tmp_path / "cache")
+    spec = load_spec(_bf16_spec(tmp_path))
+    first = AuditSession(spec, cache=cache)
+    computed = [s for f in FILTERS for s in first.sweeps(f, "fgsm_eps0.1")]
+    second = AuditSession(spec, cache=cache)
+    again = [s for f in FILTERS for s in second.sweeps(f, "fgsm_eps0.1")]
+    assert second.computed_sweeps == 0 and again == computed
+    assert second.compute_record() == first.compute_record()
+    record = first.compute_record()
+    assert record is not None and len(record["sweeps"]) == len(computed)
+
+
+@needs_bf16
+def test_merged_shards_keep_the_compute_record_of_a_serial_run(tmp_path: Path) -> None:
+    from inferlink_audit.audit import run_audit
+    from inferlink_audit.shards import Shard, merge_shards, run_shard
+
+    spec = load_spec(_bf16_spec(tmp_path))
+    serial, _, _ = run_audit(spec)
+    shards = [run_shard(spec, Shard(i, 2)) for i in (1, 2)]
+    assert all(s.models[0].sweeps for s in shards)  # both shards computed some groups
+    merged = merge_shards([(tmp_path / f"{i}.json", s) for i, s in enumerate(shards, 1)])
+    expected, joined = serial.models[0].compute, merged.models[0].compute
+    assert expected is not None and joined is not None
+    assert _by_sweep(joined) == _by_sweep(expected)
