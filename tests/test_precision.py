@@ -422,3 +422,63 @@ def test_merged_shards_keep_the_compute_record_of_a_serial_run(tmp_path: Path) -
     expected, joined = serial.models[0].compute, merged.models[0].compute
     assert expected is not None and joined is not None
     assert _by_sweep(joined) == _by_sweep(expected)
+
+
+@needs_bf16
+def test_a_confirmed_sweep_no_longer_decided_in_fp32_goes_on_in_fp32_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sweep confirmed (forced), and the first look after confirmation finding every
+    sweep that stopped early undecided (forced): each is evaluated in fp32 on its rounds,
+    then goes on in fp32 rounds only; no bf16 round follows a confirmation."""
+    from inferlink_audit import audit as audit_module
+
+    monkeypatch.setattr(audit_module, "near_boundary", lambda *args: ["forced"])
+    state = {"confirmed": False, "forced": False}
+    group_settled = audit_module.group_settled
+
+    def settled_after_confirm(*args: Any) -> Any:
+        settled = group_settled(*args)
+
+        def patched(sweeps: list[SweepResult]) -> list[bool]:
+            status = settled(sweeps)
+            if state["confirmed"] and not state["forced"]:
+                state["forced"] = True
+                early = [s.outcomes is not None and s.outcomes.n < 360 for s in sweeps]
+                return [d and not e for d, e in zip(status, early, strict=True)]
+            return status
+
+        return patched
+
+    monkeypatch.setattr(audit_module, "group_settled", settled_after_confirm)
+    filtering = {"thresholds": 9, "filters": ["low_pass"]}  # conv1 stops after 3 rounds
+    path = write_spec(
+        tmp_path, data=SEQ_DATA, filtering=filtering, checks=SEQ_CHECKS,
+        statistics=SEQUENTIAL, compute={"precision": "bf16"},
+    )  # fmt: skip
+    session = AuditSession(load_spec(path))
+    confirm, compute = session._confirm_rounds, session._compute_sweeps
+    calls: dict[str | None, list[tuple[str, bool]]] = {}
+
+    def confirm_then_flag(*args: Any) -> Any:
+        near = confirm(*args)
+        state["confirmed"] = True
+        return near
+
+    def spy(filter_name: Any, attack_id: str, precision: Any = "fp32", only: Any = None) -> Any:
+        for layer in session._round_open or ():
+            calls.setdefault(layer, []).append((precision, state["confirmed"]))
+        return compute(filter_name, attack_id, precision, only)
+
+    session._confirm_rounds = confirm_then_flag  # type: ignore[method-assign]
+    session._compute_sweeps = spy  # type: ignore[method-assign]
+    sweeps = session.sweeps("low_pass", "fgsm_eps0.1")
+    went_on = 0
+    for s in sweeps:
+        assert s.sequential is not None
+        seen = calls[s.layer]
+        used = seen.count(("bf16", False))  # its rounds when it closed in bf16
+        more = s.sequential.rounds - used
+        assert seen == [("bf16", False)] * used + [("fp32", False)] * used + [("fp32", True)] * more
+        went_on += more > 0
+    assert went_on  # some sweep went on after its confirmation
