@@ -695,6 +695,7 @@ def _evaluate_batched(
                 on_variant()
     return results
 
+
 def evaluate_variant(
     tensors: list[torch.Tensor],
     ordering: SortedScope,
