@@ -7,8 +7,8 @@ as ``scipy.integrate.simpson`` computes it (the reference notebooks' ``rob_value
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -64,6 +64,10 @@ class ScoredCurves:
     targeted: bool
     antifragile_area: Scores
     adversarial_normalised_by: str
+
+    def as_fields(self) -> dict[str, Any]:
+        """These values by name, as a ``SweepResult`` holds them (shallow: no copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def normalisers(clean_reference: float, adversarial_reference: float) -> tuple[float, float, str]:

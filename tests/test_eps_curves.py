@@ -378,31 +378,12 @@ def test_results_json_keeps_each_indicator_s_examples(tmp_path: Path) -> None:
 def test_the_plugin_report_holds_the_curve_its_items_measured(tmp_path: Path) -> None:
     """The pytest plugin assembles results.json from its items' payloads: an item on a curve's
     sweep point measures every point, so the report has the same curve as a whole run."""
-    from pytest_inferlink.assemble import assemble_result, build_payload
+    from .plugin_items import assembled_from_items
 
     path = write_spec(tmp_path, filtering=ONE_FILTER, attacks=[{"fgsm": {"eps": FGSM_CURVE}}])
     spec = load_spec(path)
     session = AuditSession(spec)
-    payloads = [
-        json.loads(
-            build_payload(
-                spec=spec,
-                spec_index=0,
-                planned=planned,
-                plan_index=index,
-                session=session,
-                result=session.evaluate(planned),
-                error=None,
-                computed=True,
-                from_cache=False,
-                session_id="s",
-                seq=index,
-            )
-        )
-        for index, planned in enumerate(plan_checks(spec))
-    ]
-    assembled = assemble_result(payloads, seconds=0.0)
-    assert assembled is not None
+    assembled = assembled_from_items(session)
     (model,) = assembled.models
     whole, _, _ = run_audit(load_spec(path))
     assert model.eps_curves == whole.models[0].eps_curves

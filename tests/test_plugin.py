@@ -116,12 +116,11 @@ def _import_everything_once(tmp_path_factory: pytest.TempPathFactory) -> None:
     torch and matplotlib cannot be loaded twice in one process; imported before the first
     run, they stay. It is also what makes in-process runs fast: torch is imported once.
     """
-    from pytest_inferlink.assemble import assemble_result, build_payload
-
     from inferlink_audit.audit import AuditSession
-    from inferlink_audit.checks import plan_checks
     from inferlink_audit.report import render_report
     from inferlink_audit.spec_loader import load_spec
+
+    from .plugin_items import assembled_from_items
 
     folder = tmp_path_factory.mktemp("warm")
     path = folder / "warm.yaml"
@@ -130,24 +129,7 @@ def _import_everything_once(tmp_path_factory: pytest.TempPathFactory) -> None:
     )
     spec = load_spec(path)
     session = AuditSession(spec)
-    payloads = []
-    for index, planned in enumerate(plan_checks(spec)):
-        text = build_payload(
-            spec=spec,
-            spec_index=0,
-            planned=planned,
-            plan_index=index,
-            session=session,
-            result=session.evaluate(planned),
-            error=None,
-            computed=True,
-            from_cache=False,
-            session_id="warm",
-            seq=index,
-        )
-        payloads.append(json.loads(text))
-    result = assemble_result(payloads, seconds=0.0)
-    assert result is not None
+    result = assembled_from_items(session, session_id="warm")
     render_report(result, folder)
 
 

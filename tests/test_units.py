@@ -206,26 +206,9 @@ def test_the_audit_item_passes_and_records_the_result(session: AuditSession) -> 
 
 
 def test_the_plugin_report_gets_the_units_from_the_items(session: AuditSession) -> None:
-    from pytest_inferlink.assemble import assemble_result, build_payload
+    from .plugin_items import assembled_from_items
 
-    payloads = []
-    for index, planned in enumerate(plan_checks(session.spec)):
-        text = build_payload(
-            spec=session.spec,
-            spec_index=0,
-            planned=planned,
-            plan_index=index,
-            session=session,
-            result=session.evaluate(planned),
-            error=None,
-            computed=False,
-            from_cache=False,
-            session_id="units",
-            seq=index,
-        )
-        payloads.append(json.loads(text))
-    result = assemble_result(payloads, seconds=0.0)
-    assert result is not None
+    result = assembled_from_items(session, session_id="units", computed=False)
     assert result.models[0].units == session.computed_units
     assert [c.id for c in result.models[0].checks] == ["min_clean_accuracy"]
 

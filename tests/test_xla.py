@@ -21,6 +21,7 @@ from inferlink_audit.spec import FGSMSpec, GaussianSpec, PGDSpec
 from inferlink_audit.sweep import EvalData, Evaluator, frozen_parameters, sweep_scope
 
 from .specs import write_spec
+from .test_sweep import TinyCNN
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 torch_xla = pytest.importorskip(
@@ -28,16 +29,6 @@ torch_xla = pytest.importorskip(
 )
 
 pytestmark = pytest.mark.xla
-
-
-class _TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 3, 3)
-        self.fc = nn.Linear(3 * 4 * 4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def xla() -> torch.device:
 @pytest.fixture(scope="module")
 def tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = _TinyCNN().eval()
+    model = TinyCNN().eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(64, 1, 6, 6, generator=gen)
     with torch.no_grad():
