@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pytest_inferlink.assemble import assemble_result, build_payload
+from pytest_inferlink.assemble import ItemRun, assemble_result
 
 from inferlink_audit.audit import AuditSession
 from inferlink_audit.checks import plan_checks
@@ -17,7 +17,7 @@ def assembled_from_items(
 ) -> AuditResult:
     payloads = [
         json.loads(
-            build_payload(
+            ItemRun(
                 spec=session.spec,
                 spec_index=0,
                 planned=planned,
@@ -29,7 +29,7 @@ def assembled_from_items(
                 from_cache=False,
                 session_id=session_id,
                 seq=index,
-            )
+            ).payload()
         )
         for index, planned in enumerate(plan_checks(session.spec))
     ]

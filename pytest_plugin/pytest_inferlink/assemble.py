@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PAYLOAD_VERSION",
+    "ItemRun",
     "SpecStats",
     "assemble_result",
-    "build_payload",
     "check_properties",
     "error_check",
     "failure_lines",
@@ -198,80 +198,96 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
     }
 
 
-def build_payload(
-    *,
-    spec: AuditSpec,
-    spec_index: int,
-    planned: PlannedCheck,
-    plan_index: int,
-    session: AuditSession,
-    result: CheckResult | None,
-    error: BaseException | None,
-    computed: bool,
-    from_cache: bool,
-    session_id: str,
-    seq: int,
-) -> str:
-    """Everything the item measured or used, as JSON (NaN allowed: Python reads it back)."""
-    model = _model_info(session)
-    attacks: list[dict[str, Any]] = []
-    sweeps: list[dict[str, Any]] = []
-    if error is None and planned.attack is not None:
-        # The attack on the unfiltered network is cheap next to a sweep, and the report's
-        # attack table needs it even where no check asserts on it.
+@dataclass(frozen=True)
+class ItemRun:
+    """What one check item ran: its spec and plan entry, the worker's session and what the
+    check gave (a result or the error), and where its sweeps came from."""
+
+    spec: AuditSpec
+    spec_index: int
+    planned: PlannedCheck
+    plan_index: int
+    session: AuditSession
+    result: CheckResult | None
+    error: BaseException | None
+    computed: bool  # the item computed a sweep group
+    from_cache: bool  # the item read a sweep group from the disk cache
+    session_id: str
+    seq: int
+
+    def _attacks(self) -> list[dict[str, Any]]:
+        """The item's attack on the unfiltered network, with every point of its ε list: cheap
+        next to a sweep, and the report's attack table needs it even where no check asserts."""
+        attack, session = self.planned.attack, self.session
+        if self.error is not None or attack is None:
+            return []
+        attacks: list[dict[str, Any]] = []
         with contextlib.suppress(AuditError):
-            attacks.append(asdict(session.with_interval(session.attack_result(planned.attack))))
-            # An attack that lists several ε: every point, for the report's ε curve.
-            for point in session.curve_points(planned.attack):
-                if point.id != planned.attack:
-                    measured = session.attack_result(point.id)
-                    attacks.append(asdict(session.with_interval(measured)))
-        if planned.filter is not None:
-            sweeps = [sweep_to_dict(s) for s in session.sweeps(planned.filter, planned.attack)]
-    if error is None and planned.check in (REMEDIATION_ONLY, "min_adversarial_gain"):
-        # Selective retraining labelled every layer under every filter and attack first.
-        sweeps = [
-            sweep_to_dict(s)
-            for f in spec.filtering.filters
-            for a in spec.attack_specs
-            for s in session.sweeps(f, a.id)
-        ]
-    if model is not None:  # after the attacks above: the ε curves they completed
-        curves = session.computed_eps_curves()
-        model["eps_curves"] = None if curves is None else [asdict(c) for c in curves]
-    if not is_check(planned):
-        check = None
-    elif result is not None:
-        check = asdict(result)
-    else:
-        check = asdict(error_check(planned, error or RuntimeError("no result")))
-    if error is not None:
-        outcome = "error"
-    else:
-        outcome = "passed" if result is not None and result.passed else "failed"
-    group = [[planned.filter, planned.attack]]
-    payload = {
-        "version": PAYLOAD_VERSION,
-        "spec": str(spec.source_path or ""),
-        "spec_index": spec_index,
-        "spec_name": spec.name,
-        "plan_index": plan_index,
-        "check_id": planned.id,
-        "filters": list(spec.filtering.filters),
-        "attack_order": [attack.id for attack in spec.attack_points],
-        "model": model,
-        "attacks": attacks,
-        "sweeps": sweeps,
-        "check": check,
-        "transfer": session.computed_transfer if planned.check == TRANSFER_ONLY else None,
-        "meta": session.meta(0.0) if model is not None else None,
-        "outcome": outcome,
-        "computed": group if computed else [],
-        "cached": group if from_cache else [],
-        "session": session_id,
-        "seq": seq,
-    }
-    return json.dumps(payload)
+            attacks.append(asdict(session.with_interval(session.attack_result(attack))))
+            for point in session.curve_points(attack):
+                if point.id != attack:
+                    attacks.append(asdict(session.with_interval(session.attack_result(point.id))))
+        return attacks
+
+    def _sweeps(self) -> list[dict[str, Any]]:
+        planned, session = self.planned, self.session
+        if self.error is not None:
+            return []
+        if planned.check in (REMEDIATION_ONLY, "min_adversarial_gain"):
+            # Selective retraining labelled every layer under every filter and attack first.
+            return [
+                sweep_to_dict(s)
+                for f in self.spec.filtering.filters
+                for a in self.spec.attack_specs
+                for s in session.sweeps(f, a.id)
+            ]
+        if planned.attack is None or planned.filter is None:
+            return []
+        return [sweep_to_dict(s) for s in session.sweeps(planned.filter, planned.attack)]
+
+    def _check(self) -> dict[str, Any] | None:
+        if not is_check(self.planned):
+            return None
+        if self.result is not None:
+            return asdict(self.result)
+        return asdict(error_check(self.planned, self.error or RuntimeError("no result")))
+
+    def _outcome(self) -> str:
+        if self.error is not None:
+            return "error"
+        return "passed" if self.result is not None and self.result.passed else "failed"
+
+    def payload(self) -> str:
+        """Everything the item measured or used, as JSON (NaN allowed: Python reads it back)."""
+        spec, session, planned = self.spec, self.session, self.planned
+        model = _model_info(session)
+        attacks, sweeps = self._attacks(), self._sweeps()
+        if model is not None:  # after the attacks above: the ε curves they completed
+            curves = session.computed_eps_curves()
+            model["eps_curves"] = None if curves is None else [asdict(c) for c in curves]
+        group = [[planned.filter, planned.attack]]
+        payload = {
+            "version": PAYLOAD_VERSION,
+            "spec": str(spec.source_path or ""),
+            "spec_index": self.spec_index,
+            "spec_name": spec.name,
+            "plan_index": self.plan_index,
+            "check_id": planned.id,
+            "filters": list(spec.filtering.filters),
+            "attack_order": [attack.id for attack in spec.attack_points],
+            "model": model,
+            "attacks": attacks,
+            "sweeps": sweeps,
+            "check": self._check(),
+            "transfer": session.computed_transfer if planned.check == TRANSFER_ONLY else None,
+            "meta": session.meta(0.0) if model is not None else None,
+            "outcome": self._outcome(),
+            "computed": group if self.computed else [],
+            "cached": group if self.from_cache else [],
+            "session": self.session_id,
+            "seq": self.seq,
+        }
+        return json.dumps(payload)
 
 
 # --------------------------------------------------------------------------- on the controller

@@ -88,7 +88,7 @@ class CheckItem(pytest.Item):
     def runtest(self) -> None:
         from inferlink_audit.cache import DiskSweepCache
 
-        from .assemble import build_payload, check_properties, error_check, failure_lines
+        from .assemble import ItemRun, check_properties, error_check, failure_lines
 
         plugin = self.config.stash[PLUGIN_KEY]
         spec_file = self.spec_file
@@ -108,7 +108,7 @@ class CheckItem(pytest.Item):
             raise
         finally:
             if result is not None or error is not None:  # not on KeyboardInterrupt
-                self.stash[PAYLOAD_KEY] = build_payload(
+                self.stash[PAYLOAD_KEY] = ItemRun(
                     spec=spec_file.spec,
                     spec_index=spec_file.spec_index,
                     planned=self.planned,
@@ -120,7 +120,7 @@ class CheckItem(pytest.Item):
                     from_cache=cache is not None and cache.hits > hits_before,
                     session_id=f"{os.getpid()}:{spec_file.spec_index}",
                     seq=plugin.next_seq(),
-                )
+                ).payload()
         self.user_properties.extend(check_properties(self.planned, result, session))
         if not result.passed:
             raise CheckFailed(result, failure_lines(result, self.planned, spec_file.spec, session))
