@@ -993,6 +993,7 @@ class AuditSession:
                     variant = evaluate_variant(
                         tensors, self._ordering(s.layer, tensors), filter_name, s.thresholds[k],
                         self._evaluator(attack_id)[0], thresholds=filtering.thresholds,
+                        values=filtering.values,
                         value_range=filtering.range if s.scope == "global" else None,
                     )  # fmt: skip
                     correct += np.round(np.asarray(variant) * self.prepared.data.n)
@@ -1210,7 +1211,8 @@ class AuditSession:
                 value_range = filtering.range if s.scope == "global" else None
                 exact = evaluate_variant(
                     tensors, ordering, filter_name, s.thresholds[k], evaluator,
-                    thresholds=filtering.thresholds, value_range=value_range,
+                    thresholds=filtering.thresholds, values=filtering.values,
+                    value_range=value_range,
                 )  # fmt: skip
                 where = f"{filter_name} {attack_id} {s.layer or 'global'} threshold {k}"
                 approximate = (s.clean_accuracy[k], s.adversarial_accuracy[k])

@@ -664,17 +664,22 @@ def _evaluate_in_turn(
         else:
             scope.move(order, applied, (start, stop))
             applied = (start, stop)
-            response = evaluator.evaluate()
-            # Zeroing weights that are already 0.0 changes nothing by construction.
-            zeros_only = ordering.sorted_values[start] == ordering.sorted_values[stop - 1] == 0
-            inert = evaluator.last_unchanged and not zeros_only
-            result = VariantResult(response, evaluator.last_outcomes, inert)
+            result = _evaluated(evaluator, ordering, start, stop)
             if memo is not None:
                 memo[key] = result
         results[(start, stop)] = result
         if on_variant is not None:
             on_variant()
     return results
+
+
+def _evaluated(evaluator: Evaluator, ordering: SortedScope, start: int, stop: int) -> VariantResult:
+    """Evaluate the variant now applied, which zeroes ``ordering``'s run ``[start, stop)``."""
+    response = evaluator.evaluate()
+    # Zeroing weights that are already 0.0 changes nothing by construction.
+    zeros_only = ordering.sorted_values[start] == ordering.sorted_values[stop - 1] == 0
+    inert = evaluator.last_unchanged and not zeros_only
+    return VariantResult(response, evaluator.last_outcomes, inert)
 
 
 def _evaluate_batched(
@@ -704,18 +709,32 @@ def evaluate_variant(
     evaluator: Evaluator,
     *,
     thresholds: int,
+    values: Literal["signed", "magnitude"],
     value_range: tuple[float, float] | None = None,
 ) -> tuple[float, float]:
     """(clean, adversarial) accuracy of the one variant of a sweep at threshold ``alpha``
-    (``thresholds`` and ``value_range`` as the sweep had them), evaluated on its own through
-    ``evaluator``; the tensors are restored bit-exactly. For calibrating another precision."""
+    (``thresholds``, ``values`` and ``value_range`` as the sweep had them), evaluated on its
+    own through ``evaluator``; the tensors are restored bit-exactly. For calibrating another
+    precision. The variant goes through the evaluator's memo, so a sweep that later evaluates
+    it in the same precision (an fp32 confirmation) takes it from there."""
     vmin, vmax = value_range or ordering.value_range
     start, stop = ordering.interval(
         filter_name, float(alpha), pulse_half_width(vmin, vmax, thresholds)
     )
+    if stop <= start:
+        return evaluator.evaluate()  # zeroes nothing: the unfiltered network
     scope = ScopeWorkingCopy(tensors)
+    memo = evaluator.memo
+    key = scope.variant_key(ordering.order, start, stop, values) if memo is not None else None
     try:
+        result = memo.get(key) if memo is not None else None
+        if result is not None:
+            evaluator.memo_hits += 1
+            return result.response
         scope.zero(ordering.order.to(tensors[0].device)[start:stop])
-        return evaluator.evaluate()
+        result = _evaluated(evaluator, ordering, start, stop)
+        if memo is not None:
+            memo[key] = result
+        return result.response
     finally:
         scope.restore_all()

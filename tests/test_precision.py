@@ -4,7 +4,7 @@ fp32 confirmation of exactly the sweeps that lie within that error of a boundary
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from inferlink_audit.errors import DeviceError, SpecError
 from inferlink_audit.report import report_html
 from inferlink_audit.results import AuditResult, ModelResult, SweepResult, result_to_dict
 from inferlink_audit.spec_loader import load_spec
+from inferlink_audit.sweep import Evaluator, state_digest
 
 from .specs import write_spec
 
@@ -82,6 +83,8 @@ class Runs:
     reruns: list[set[tuple[str, str | None]]]  # the scopes each fp32 re-run computed
     reference: tuple[float, float]  # fp32 unfiltered (clean, adversarial) accuracy
     result: AuditResult | None = None  # the confirmed run, for the report
+    # Each fp32 evaluation of the confirmed run: (evaluator, the weights it evaluated).
+    fp32_evaluations: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _sweeps(session: AuditSession) -> list[SweepResult]:
@@ -120,7 +123,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         return compute(filter_name, attack_id, precision, only)
 
     confirmed._compute_sweeps = spy  # type: ignore[method-assign]
-    out = Runs(_sweeps(exact), _sweeps(approximate), _sweeps(confirmed), {}, reruns, (0.0, 0.0))
+    fp32_evaluations: list[tuple[int, str]] = []
+    evaluate = Evaluator.evaluate
+
+    def counted(self: Evaluator) -> tuple[float, float]:
+        if self.precision == "fp32":
+            fp32_evaluations.append((id(self), state_digest(self.model)))
+        return evaluate(self)
+
+    exact_sweeps, approximate_sweeps = _sweeps(exact), _sweeps(approximate)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Evaluator, "evaluate", counted)
+        confirmed_sweeps = _sweeps(confirmed)
+    out = Runs(exact_sweeps, approximate_sweeps, confirmed_sweeps, {}, reruns, (0.0, 0.0))
+    out.fp32_evaluations = fp32_evaluations
     out.record = confirmed.compute_record() or {}
     out.reference = exact._evaluator("fgsm_eps0.1")[1]
     model = ModelResult(
@@ -267,6 +283,14 @@ def test_confirm_reruns_exactly_the_sweeps_within_the_margin(runs: Runs) -> None
 
 
 @needs_bf16
+def test_confirm_evaluates_no_variant_twice_in_fp32(runs: Runs) -> None:
+    """A confirmed sweep's fp32 re-run takes its calibration variant (already evaluated in
+    fp32) from the memo: no fp32 evaluation is of weights already evaluated in fp32."""
+    assert len(set(runs.fp32_evaluations)) == len(runs.fp32_evaluations)
+    assert runs.record["confirmed"]  # some sweep was re-run, its calibration variant with it
+
+
+@needs_bf16
 def test_final_labels_after_confirm_equal_exact_fp32(runs: Runs) -> None:
     assert [(s.labels, s.targeted) for s in runs.confirmed] == [
         (s.labels, s.targeted) for s in runs.exact
@@ -302,12 +326,13 @@ SEQUENTIAL = {"resamples": 200, "sequential": {"round": 64}}
 
 @needs_bf16
 def test_sequential_bf16_confirms_each_sweep_once_on_the_examples_it_used(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rounds run in bf16 alone; when a sweep closes it is confirmed once: exactly the sweeps
     within their margin (computed here from the bf16 sweeps and the fp32 ψ⁰ of the examples
     each used) are re-run in fp32, on the rounds they used, and their final numbers are fp32's
-    on those examples (checked against the exact run's per-example outcomes)."""
+    on those examples (checked against the exact run's per-example outcomes). No variant is
+    evaluated twice in fp32 on one round (the calibration's come from the memo)."""
 
     def session(name: str, **extra: Any) -> AuditSession:
         filtering = {"thresholds": THRESHOLDS, "filters": ["low_pass"]}
@@ -330,9 +355,19 @@ def test_sequential_bf16_confirms_each_sweep_once_on_the_examples_it_used(
         return compute(filter_name, attack_id, precision, only)
 
     confirmed._compute_sweeps = spy  # type: ignore[method-assign]
-    final = confirmed.sweeps("low_pass", "fgsm_eps0.1")
     plain = bf16.sweeps("low_pass", "fgsm_eps0.1")
     full = exact.sweeps("low_pass", "fgsm_eps0.1")
+    fp32_evaluations: list[tuple[int, str]] = []  # (a round's evaluator, the weights)
+    evaluate = Evaluator.evaluate
+
+    def counted(self: Evaluator) -> tuple[float, float]:
+        if self.precision == "fp32":
+            fp32_evaluations.append((id(self), state_digest(self.model)))
+        return evaluate(self)
+
+    monkeypatch.setattr(Evaluator, "evaluate", counted)
+    final = confirmed.sweeps("low_pass", "fgsm_eps0.1")
+    assert len(set(fp32_evaluations)) == len(fp32_evaluations)
     record = confirmed.compute_record() or {}
     assert len(record["sweeps"]) == len(final)  # once per sweep, not per round
     plan = confirmed._plan

@@ -11,7 +11,9 @@ import json
 import resource
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -29,6 +31,7 @@ from inferlink_audit.sweep import Curves, EvalData, Evaluator, frozen_parameters
 from .specs import write_spec
 
 LAYERS = ["stem", "block1.conv1", "block1.conv2", "block2.conv2", "fc"]
+Precision = Literal["fp32", "bf16"]
 
 
 class Block(nn.Module):
@@ -102,7 +105,16 @@ def _graph_tensors(roots: tuple[torch.Tensor, ...]) -> Iterator[torch.Tensor]:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def _independent_bytes(model: nn.Module, data: EvalData, evaluator: Evaluator, layer: str) -> int:
+def _arithmetic(precision: str) -> Any:
+    """The autocast ``compute.precision: bf16`` runs under, set up here independently."""
+    if precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _independent_bytes(
+    model: nn.Module, data: EvalData, evaluator: Evaluator, layer: str, precision: str = "fp32"
+) -> int:
     """What a cache of ``layer``'s prefix must hold, counted without the evaluator's code."""
     split = NetworkSplitter(model).split(layer)
     assert split is not None
@@ -114,11 +126,11 @@ def _independent_bytes(model: nn.Module, data: EvalData, evaluator: Evaluator, l
     alive: list[torch.Tensor] = []
     for index, xb, _ in data.batches():
         if evaluator.fixed_adversarial is not None:
-            with torch.inference_mode():
+            with torch.inference_mode(), _arithmetic(precision):
                 tensors = [*split.prefix(xb), *split.prefix(evaluator.fixed_adversarial[index])]
         else:
             leaf = xb.clone().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _arithmetic(precision):
                 live = split.prefix(leaf)
             tensors = [leaf, *live, *_graph_tensors(live)]
         alive += tensors
@@ -141,24 +153,41 @@ def _sweep(evaluator: Evaluator, model: nn.Module, layer: str) -> Curves:
         )
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(("attack", "source"), [("fgsm", "filtered"), ("gaussian", "filtered")])
 def test_cache_bytes_equal_an_independent_count_and_never_exceed_the_budget(
-    model: nn.Module, attack: str, source: str
+    model: nn.Module, attack: str, source: str, precision: Precision
 ) -> None:
+    """In bf16 too: the cache is built under autocast, so it holds bf16 activations and the
+    weights autocast casts for the backward pass, and its budget must hold all the same."""
     data = _data(model)
     splitter = NetworkSplitter(model)
     with frozen_parameters(model):
         unlimited = Evaluator(
-            model, data, _attack(attack), source, splitter=splitter, prefix_budget=1 << 40
+            model,
+            data,
+            _attack(attack),
+            source,
+            splitter=splitter,
+            prefix_budget=1 << 40,
+            precision=precision,
         )
-        needed = {layer: _independent_bytes(model, data, unlimited, layer) for layer in LAYERS}
+        needed = {
+            layer: _independent_bytes(model, data, unlimited, layer, precision) for layer in LAYERS
+        }
         for layer in LAYERS:
             with unlimited.focus(layer):
                 assert unlimited.prefix_cache_bytes == needed[layer], layer
         # A budget that fits the cheaper prefixes but not the dearest ones.
         budget = sorted(needed.values())[len(needed) // 2]
         bounded = Evaluator(
-            model, data, _attack(attack), source, splitter=splitter, prefix_budget=budget
+            model,
+            data,
+            _attack(attack),
+            source,
+            splitter=splitter,
+            prefix_budget=budget,
+            precision=precision,
         )
         bounded.evaluate()
         before = _tensor_bytes_alive()
@@ -174,6 +203,35 @@ def test_cache_bytes_equal_an_independent_count_and_never_exceed_the_budget(
                 if bounded.prefix_hits > hits:
                     assert held == needed[layer]
     assert any(n > budget for n in needed.values()) and any(n <= budget for n in needed.values())
+
+
+def test_a_bf16_fgsm_cache_keeps_its_activations_in_bf16_only(model: nn.Module) -> None:
+    """Under bf16 the prefix is built under autocast: each activation is kept once, in bf16
+    (half fp32's bytes, which is why a cache over the budget in fp32 can fit it in bf16), and
+    the only fp32 storages are the inputs FGSM differentiates."""
+    data = _data(model)
+    with frozen_parameters(model):
+        evaluator = Evaluator(
+            model,
+            data,
+            _attack("fgsm"),
+            "filtered",
+            splitter=NetworkSplitter(model),
+            prefix_budget=1 << 40,
+            precision="bf16",
+        )
+        owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        with evaluator.focus("block2.conv2"):
+            assert evaluator._prefix is not None and evaluator._prefix.graphs is not None
+            leaves = {leaf.untyped_storage().data_ptr() for leaf, _ in evaluator._prefix.graphs}
+            kept = {
+                t.untyped_storage().data_ptr(): t
+                for t in evaluator._prefix.tensors()
+                if t.untyped_storage().nbytes() and t.untyped_storage().data_ptr() not in owned
+            }
+    dtypes = {ptr: t.dtype for ptr, t in kept.items()}
+    assert {ptr for ptr, dtype in dtypes.items() if dtype != torch.bfloat16} == leaves
+    assert len(kept) > 2 * len(leaves)  # activations were kept, and each in bf16
 
 
 def _tensor_bytes_alive() -> int:
