@@ -32,12 +32,22 @@ from .results import (
     CheckResult,
     LipschitzResult,
     ModelResult,
+    SweepOutcomes,
     SweepResult,
     UnitSemanticsResult,
     read_results,
 )
 from .scores import Members
 from .spec import AuditSpec
+from .statistics import (
+    Sampling,
+    SweepDraws,
+    accuracy_interval,
+    bootstrap_sweep,
+    resample_indices,
+    resample_weights,
+    sweep_statistics,
+)
 
 if TYPE_CHECKING:
     from .audit import AuditSession, SweepCache
@@ -50,8 +60,10 @@ __all__ = [
     "merge_shards",
     "parse_shard",
     "plan_shards",
+    "refuse_unsplittable",
     "run_shard",
     "shard_of_spec",
+    "shard_record",
     "sweep_costs",
     "sweep_keys",
 ]
@@ -163,24 +175,35 @@ def in_shard(planned: PlannedCheck, keys: Sequence[SweepKey], shard: Shard) -> b
     return shard.index == 1
 
 
-def _refuse_unsplittable(spec: AuditSpec) -> None:
-    from .spec_loader import locate_message
+def refuse_unsplittable(spec: AuditSpec, option: str = "--shard") -> None:
+    """A ``ShardError`` naming the key when the merged shards of ``spec`` (or of a spec it
+    compares) could not equal a serial run's."""
+    from .spec_loader import load_spec, locate_message
 
-    reasons = {
-        "compare": "compared models are audited together",
-        "remediation": "selective retraining needs every sweep's labels",
-        "statistics": "intervals need per-example outcomes, which results.json does not keep",
-    }
-    for key, why in reasons.items():
-        if getattr(spec, key):
-            raise ShardError(
-                locate_message(
-                    spec,
-                    (key,),
-                    f"a spec with '{key}' cannot run in shards yet ({why}); run it without "
-                    "--shard.",
-                )
+    reasons: list[tuple[tuple[str, ...], str]] = []
+    if spec.statistics is not None and spec.statistics.sequential is not None:
+        reasons.append(
+            (
+                ("statistics", "sequential"),
+                "a sequential run stops each sweep on decisions taken round by round, which "
+                "merge cannot repeat from the shards' files",
             )
+        )
+    if spec.remediation is not None:
+        reasons.append(
+            (("remediation",), "selective retraining needs every sweep's labels at once")
+        )
+    for key, why in reasons:
+        raise ShardError(
+            locate_message(
+                spec,
+                key,
+                f"cannot run in shards ({why}); run this spec without {option}, or remove "
+                f"'{'.'.join(key)}' for the sharded run.",
+            )
+        )
+    for peer in spec.compare:
+        refuse_unsplittable(load_spec(peer), option)
 
 
 def run_shard(
@@ -193,45 +216,84 @@ def run_shard(
     output_dir: Path | None = None,
 ) -> AuditResult:
     """The shard's sweeps and the checks that read only them (shard 1: the model-wide work
-    too), as a results.json marked ``meta.shard``."""
+    too), as a results.json marked ``meta.shard``. With ``compare:`` every compared model
+    is split by its own spec's plan, and shard 1 measures the transferability."""
     from .audit import AuditSession
 
-    _refuse_unsplittable(spec)
+    refuse_unsplittable(spec)
     t0 = time.perf_counter()
-    session = AuditSession(
+    main = AuditSession(
         spec, device=device, cache=cache, on_variant=on_variant, output_dir=output_dir
     )
-    numels = [layer.numel for layer in session.prepared.layers]
-    costs = sweep_costs(spec, numels)
+    sessions = [main, *main.peers()]
+    models = [_shard_model(session, shard) for session in sessions]
+    meta = main.meta(time.perf_counter() - t0)
+    meta["shard"] = shard_record(
+        shard,
+        [(s.spec, m, s.scope_members()) for s, m in zip(sessions, models, strict=True)],
+        transfer=main.transfer() if spec.compare and shard.index == 1 else None,
+    )
+    return AuditResult(meta=meta, models=models)
+
+
+def _model_record(
+    spec: AuditSpec, shard: Shard, model: ModelResult, members: Members
+) -> dict[str, Any]:
+    """What merge needs of one model's shard: the plan, every planned check, and with
+    ``statistics:`` each sweep's per-example outcomes (results.json leaves them out)."""
+    costs = sweep_costs(spec, [int(layer["numel"]) for layer in model.layers])
     keys = plan_shards(costs, shard.count)[shard.index - 1]
-    planned = [p for p in plan_checks(spec) if is_check(p)]
-    checks = [session.evaluate(p) for p in planned if in_shard(p, keys, shard)]
-    model = _shard_model(session, shard, keys, checks)
-    meta = session.meta(time.perf_counter() - t0)
-    meta["shard"] = {
-        "index": shard.index,
-        "count": shard.count,
+    record: dict[str, Any] = {
         "sweeps": [list(k) for k in keys],
         "all_sweeps": [list(k) for k in costs],
         "costs": [costs[k] for k in costs],
-        "checks": [asdict(p) for p in planned],
-        "members": session.scope_members(),
+        "checks": [asdict(p) for p in plan_checks(spec) if is_check(p)],
+        "members": {layer: [list(m) for m in pairs] for layer, pairs in members.items()},
         "baseline": None if spec.baseline is None else str(spec.baseline),
     }
-    return AuditResult(meta=meta, models=[model])
+    if spec.statistics is not None:
+        record["outcomes"] = [
+            None if s.outcomes is None else s.outcomes.to_json() for s in model.sweeps
+        ]
+    return record
 
 
-def _shard_model(
-    session: AuditSession, shard: Shard, keys: Sequence[SweepKey], checks: list[CheckResult]
-) -> ModelResult:
+def shard_record(
+    shard: Shard,
+    models: Sequence[tuple[AuditSpec, ModelResult, Members]],
+    transfer: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``meta.shard`` of a shard's results.json: the first model's plan at the top, the
+    compared models' in ``peers``, and shard 1's transferability rows (``compare:``).
+    ``inferlink-audit run --shard`` and ``pytest --inferlink-shard`` both write it."""
+    (spec, model, members), *peers = models
+    record: dict[str, Any] = {
+        "index": shard.index,
+        "count": shard.count,
+        **_model_record(spec, shard, model, members),
+    }
+    if spec.compare:
+        record["peers"] = [_model_record(s, shard, m, mem) for s, m, mem in peers]
+        record["transfer"] = transfer
+    return record
+
+
+def _shard_model(session: AuditSession, shard: Shard) -> ModelResult:
+    """One model's share: its planned sweep groups and their checks; in shard 1 also the
+    model-wide measurements and checks."""
     spec, p = session.spec, session.prepared
+    costs = sweep_costs(spec, [layer.numel for layer in p.layers])
+    keys = plan_shards(costs, shard.count)[shard.index - 1]
+    planned = [x for x in plan_checks(spec) if is_check(x)]
+    checks = [session.evaluate(x) for x in planned if in_shard(x, keys, shard)]
     first = shard.index == 1
+    attacks = [session.with_interval(session.attack_result(a.id)) for a in spec.attack_points]
     return ModelResult(
         name=spec.name,
         checkpoint_sha256=p.loaded.checkpoint_sha256,
         n_examples=p.data.n,
         clean_accuracy=session.clean_accuracy(),
-        attacks=[session.attack_result(a.id) for a in spec.attack_points] if first else [],
+        attacks=attacks if first else [],
         sweeps=[s for f, a in keys for s in session.sweeps(f, a)],
         lipschitz=session.lipschitz if first else None,
         remediation=None,
@@ -241,6 +303,8 @@ def _shard_model(
         tolerance=spec.filtering.tolerance,
         values=spec.filtering.values,
         adversarial_source=spec.filtering.adversarial_source,
+        clean_accuracy_ci=session.clean_accuracy_interval(),
+        statistics=session.statistics_record(),
         eps_curves=session.eps_curves() if first else None,
         units=session.unit_semantics() if first else None,
         compute=session.compute_record(),
@@ -319,9 +383,14 @@ class _Merged:
         members: Members,
         baseline: str | None,
         spec_path: str,
+        sampling: Sampling | None = None,
     ) -> None:
         self.model, self.recorded, self.members = model, recorded, members
         self.baseline, self.spec_path = baseline, spec_path
+        self._sampling = sampling
+
+    def sampling(self) -> Sampling | None:
+        return self._sampling  # with ``statistics:``: draws recomputed from the outcomes
 
     def clean_accuracy(self) -> float:
         return self.model.clean_accuracy
@@ -341,7 +410,7 @@ class _Merged:
         return None  # refused by run_shard
 
     def transfer(self) -> list[dict[str, Any]]:
-        return []  # refused by run_shard
+        return []  # no check asserts on it
 
     def unit_semantics(self) -> UnitSemanticsResult | None:
         return self.model.units  # shard 1 computed it
@@ -368,28 +437,104 @@ class _Merged:
         )
 
 
+def _with_outcomes(model: ModelResult, part: Mapping[str, Any]) -> list[SweepResult]:
+    """The shard's sweeps with the per-example outcomes its ``meta.shard`` kept."""
+    kept = part.get("outcomes") or [None] * len(model.sweeps)
+    return [
+        s if o is None else replace(s, outcomes=SweepOutcomes.from_json(o))
+        for s, o in zip(model.sweeps, kept, strict=True)
+    ]
+
+
+def _resampled(model: ModelResult, seed: int) -> tuple[ModelResult, Sampling | None]:
+    """With ``statistics:``, every interval, label probability and bootstrap draw computed
+    again from the joined outcomes, with the serial run's seeded resample (paired over every
+    sweep, as ``AuditSession`` does), so checks decide on exactly the serial run's draws."""
+    record = model.statistics
+    if record is None:
+        return model, None
+    confidence, n = float(record["confidence"]), model.n_examples
+    weights = resample_weights(resample_indices(n, int(record["resamples"]), seed))
+    draws: dict[SweepKey, list[SweepDraws]] = {}
+    groups: dict[SweepKey, list[SweepResult]] = {}
+    for s in model.sweeps:
+        groups.setdefault((s.filter, s.attack), []).append(s)
+    sweeps: list[SweepResult] = []
+    for key, group in groups.items():
+        if any(s.outcomes is None for s in group):
+            sweeps += group  # as the session: no outcomes (filtering.fast), no intervals
+            continue
+        for s in group:
+            assert s.outcomes is not None
+            d = bootstrap_sweep(s.outcomes, s.removed_fraction, weights, model.tolerance)
+            draws.setdefault(key, []).append(d)
+            sweeps.append(replace(s, statistics=sweep_statistics(s.outcomes, d, confidence)))
+
+    def draws_of(filter_name: str, attack_id: str) -> list[SweepDraws]:
+        found = draws.get((filter_name, attack_id))
+        if found is None:
+            raise AuditError(
+                f"statistics: the sweeps of {filter_name} under {attack_id} kept no per-example "
+                "outcomes (filtering.fast's batched passes do not), so they have no intervals"
+            )
+        return found
+
+    model = replace(
+        model,
+        sweeps=sweeps,
+        attacks=[
+            replace(a, accuracy_ci=accuracy_interval(a.accuracy, n, confidence))
+            for a in model.attacks
+        ],
+        clean_accuracy_ci=accuracy_interval(model.clean_accuracy, n, confidence),
+    )
+    return model, Sampling(confidence, record["decide"], n, draws_of)
+
+
+def _merge_model(pieces: Sequence[tuple[ModelResult, Mapping[str, Any]]], seed: int) -> ModelResult:
+    """One model's shards (in shard order) joined, its checks evaluated on the joined data."""
+    base, info = pieces[0]
+    by_key: dict[SweepKey, list[SweepResult]] = {}
+    for model, part in pieces:
+        for s in _with_outcomes(model, part):
+            by_key.setdefault((s.filter, s.attack), []).append(s)
+    sweeps = [s for f, a in info["all_sweeps"] for s in by_key.get((f, a), [])]
+    compute = merge_compute_records([m.compute for m, _ in pieces], base.n_examples)
+    joined, sampling = _resampled(replace(base, sweeps=sweeps, checks=[], compute=compute), seed)
+    recorded = {c.id: c for c in base.checks}
+    members = {layer: [tuple(m) for m in pairs] for layer, pairs in info["members"].items()}
+    measurements = _Merged(
+        joined, recorded, members, info.get("baseline"), base.spec_path, sampling
+    )
+    checks = [evaluate_check(PlannedCheck(**p), measurements) for p in info["checks"]]
+    return replace(joined, checks=checks)
+
+
+def _parts(result: AuditResult) -> list[Mapping[str, Any]]:
+    info = result.meta["shard"]
+    return [info, *info.get("peers", [])]
+
+
 def merge_shards(runs: Sequence[tuple[Path, AuditResult]]) -> AuditResult:
     """One results.json from every shard of one run, with every check evaluated on the joined
-    sweeps: equal to the serial run's but for ``meta``."""
+    sweeps (and, with ``statistics:``, every interval on the joined outcomes): equal to the
+    serial run's but for ``meta``."""
     _validated(runs)
     _check_complete(runs)
     ordered = sorted(runs, key=lambda pr: int(pr[1].meta["shard"]["index"]))
     first = ordered[0][1]
-    info = first.meta["shard"]
-    by_key: dict[SweepKey, list[SweepResult]] = {}
-    for _, run in ordered:
-        for s in run.models[0].sweeps:
-            by_key.setdefault((s.filter, s.attack), []).append(s)
-    base = first.models[0]
-    sweeps = [s for f, a in info["all_sweeps"] for s in by_key.get((f, a), [])]
-    compute = merge_compute_records([run.models[0].compute for _, run in ordered], base.n_examples)
-    joined = replace(base, sweeps=sweeps, checks=[], compute=compute)
-    recorded = {c.id: c for c in base.checks}
-    members = {layer: [tuple(m) for m in pairs] for layer, pairs in info["members"].items()}
-    measurements = _Merged(joined, recorded, members, info.get("baseline"), base.spec_path)
-    planned = [PlannedCheck(**p) for p in info["checks"]]
-    checks = [evaluate_check(p, measurements) for p in planned]
+    seed = int(first.meta.get("seed", 0))
+    models = [
+        _merge_model([(run.models[m], _parts(run)[m]) for _, run in ordered], seed)
+        for m in range(len(first.models))
+    ]
+    consistency = None
+    if "transfer" in first.meta["shard"]:  # compare: labels agree across the joined models
+        from .compare import label_consistency
+
+        transfer = first.meta["shard"]["transfer"] or []
+        consistency = {**label_consistency(models), "transfer": transfer}
     meta = {k: v for k, v in first.meta.items() if k != "shard"}
     meta["merged_from"] = [str(path) for path, _ in ordered]
     meta["shard_seconds"] = [run.meta.get("seconds") for _, run in ordered]
-    return AuditResult(meta=meta, models=[replace(joined, checks=checks)])
+    return AuditResult(meta=meta, models=models, consistency=consistency)

@@ -125,17 +125,38 @@ def test_a_malformed_shard_is_refused(text: str) -> None:
         parse_shard(text)
 
 
-def test_a_shard_of_a_spec_with_statistics_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+UNSPLITTABLE = {
+    "statistics.sequential": {"statistics": {"resamples": 200, "sequential": {}}},
+    "remediation": {
+        "data": {
+            "source": "sklearn_digits",
+            "limit": 120,
+            "batch_size": 120,
+            "train": {"source": "sklearn_digits", "split": "train"},
+        },
+        "remediation": {"selective_retrain": {"epochs": 1}},
+    },
+}
+
+
+@pytest.mark.parametrize("key", sorted(UNSPLITTABLE))
+def test_a_shard_of_a_spec_that_cannot_be_split_is_refused_naming_the_key(
+    key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], pytester: pytest.Pytester
 ) -> None:
-    spec = small_spec(tmp_path)
-    spec.write_text(spec.read_text() + "statistics: {resamples: 200}\n")
+    spec = write_spec(tmp_path, **UNSPLITTABLE[key])  # type: ignore[arg-type]
     out = tmp_path / "no-out"
     assert main(["run", str(spec), "--out", str(out), "--shard", "1/2", "--quiet"]) == 2
     assert not (out / "results.json").exists()
     err = capsys.readouterr().err
-    assert f"error: {spec}:" in err
-    assert "statistics: a spec with 'statistics' cannot run in shards yet" in err
+    assert re.search(rf"error: {re.escape(str(spec))}:\d+: {key}: cannot run in shards", err)
+    assert "run this spec without --shard" in err
+    # The plugin refuses it before any item runs, naming its own option.
+    write_spec(pytester.path, **UNSPLITTABLE[key])  # type: ignore[arg-type]
+    result = pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "2/2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"*audit.yaml:*: {key}: cannot run in shards*without {OPTION_SHARD}*"]
+    )
 
 
 # --------------------------------------------------------------------------- shards and merge

@@ -195,6 +195,8 @@ def _model_info(session: AuditSession) -> dict[str, Any] | None:
         "lipschitz": lipschitz,
         "remediation": session.computed_remediation,
         "units": None if session.computed_units is None else asdict(session.computed_units),
+        # A CI shard's file records them (shards.shard_record); results.json does not.
+        "scope_members": session.scope_members(),
     }
 
 
@@ -243,7 +245,14 @@ class ItemRun:
             ]
         if planned.attack is None or planned.filter is None:
             return []
-        return [sweep_to_dict(s) for s in session.sweeps(planned.filter, planned.attack)]
+        sweeps = session.sweeps(planned.filter, planned.attack)
+        if self.spec.statistics is None:
+            return [sweep_to_dict(s) for s in sweeps]
+        # With their outcomes: a CI shard's merge recomputes the intervals from them.
+        return [
+            {**sweep_to_dict(s), "outcomes": None if s.outcomes is None else s.outcomes.to_json()}
+            for s in sweeps
+        ]
 
     def _check(self) -> dict[str, Any] | None:
         if not is_check(self.planned):

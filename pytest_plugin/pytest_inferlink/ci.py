@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from inferlink_audit.results import AuditResult, ModelResult
@@ -12,6 +13,10 @@ from .assemble import SpecStats
 __all__ = ["finding_lines", "step_summary", "terminal_lines"]
 
 _WORST_LAYERS = 3
+SHARD_NOTE = (
+    "this is one CI shard: join every shard's results.json with 'inferlink-audit merge' "
+    "for the audit's verdict and report"
+)
 
 
 def _first_line(text: str) -> str:
@@ -35,22 +40,29 @@ def terminal_lines(
     collect_errors: dict[str, str],
     written: list[Path],
     problems: list[str],
+    shard_notes: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Per spec its verdict and where its sweeps came from; the report's path comes last."""
+    """Per spec its verdict and where its sweeps came from; the report's path comes last.
+    A CI shard (``shard_notes``: spec -> "shard 1/2: 2 of 4 sweep groups") says what it
+    holds instead of a verdict on the whole audit, and lists its shard files."""
     lines = []
     for s in stats:
         counts = f"{s.passed} passed, {s.failed} failed" + (
             f", {s.errors} errors" if s.errors else ""
         )
         uncertain = f", {s.uncertain} uncertain" if s.uncertain else ""
+        verdict = (shard_notes or {}).get(s.spec, s.verdict)
         lines.append(
-            f"{s.name} ({Path(s.spec).name}): {s.verdict}: {counts}{uncertain}; "
+            f"{s.name} ({Path(s.spec).name}): {verdict}: {counts}{uncertain}; "
             f"{s.computed} sweeps computed, {s.from_cache} from cache"
         )
     for nodeid, message in collect_errors.items():
         lines.append(f"{nodeid}: not collected: {_first_line(message)}")
     lines.extend(problems)
-    if written:
+    if shard_notes:
+        lines.extend(f"shard results: {path}" for path in written)
+        lines.append(SHARD_NOTE)
+    elif written:
         lines.extend(f"{path.stem}: {path}" for path in written[:-1])
         lines.append(f"report: {written[-1]}")
     return lines
@@ -90,10 +102,16 @@ def step_summary(
     stats: list[SpecStats],
     report: Path | None,
     collect_errors: dict[str, str],
+    shard_notes: Mapping[str, str] | None = None,
 ) -> str:
-    """Markdown for ``$GITHUB_STEP_SUMMARY``: a verdict per check, the worst layers, the report."""
+    """Markdown for ``$GITHUB_STEP_SUMMARY``: a verdict per check, the worst layers, the report.
+    A CI shard's says which share it ran and that the verdict on the audit comes from merge."""
     failed = any(s.verdict != "PASS" for s in stats) or bool(collect_errors)
-    out = ["", f"## inferlink-audit: {'FAIL' if failed else 'PASS'}"]
+    notes = shard_notes or {}
+    title = "FAIL" if failed else "PASS"
+    out = ["", f"## inferlink-audit: {'one shard, its checks ' if notes else ''}{title}"]
+    if notes:
+        out += ["", f"{SHARD_NOTE[0].upper()}{SHARD_NOTE[1:]}."]
     by_spec = {s.spec: s for s in stats}
     for model in result.models if result is not None else []:
         s = by_spec.get(model.spec_path)
@@ -102,7 +120,10 @@ def step_summary(
             if s is not None
             else ("PASS" if all(c.passed for c in model.checks) else "FAIL")
         )
-        out += ["", f"### {'✅' if verdict == 'PASS' else '❌'} {_cell(model.name)}: {verdict}", ""]
+        mark = "✅" if verdict == "PASS" else "❌"
+        if model.spec_path in notes:
+            verdict = f"{notes[model.spec_path]}, {verdict}"
+        out += ["", f"### {mark} {_cell(model.name)}: {verdict}", ""]
         facts = [f"`{Path(model.spec_path).name}`", f"{model.n_examples} examples"]
         if model.clean_accuracy == model.clean_accuracy:
             facts.append(f"clean accuracy {model.clean_accuracy:.2%}")

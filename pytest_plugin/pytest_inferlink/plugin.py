@@ -94,8 +94,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="inferlink_shard",
         default=None,
         metavar="I/N",
-        help="run shard I of N: the audit items of a deterministic share of the sweeps, "
-        "balanced by estimated cost (model-wide checks run in shard 1).",
+        help="run shard I of N: each spec's items of a deterministic share of its sweeps, "
+        "balanced by estimated cost as 'inferlink-audit run --shard' splits them (model-wide "
+        "checks in shard 1); writes each spec's shard results.json for 'inferlink-audit merge'.",
     )
     parser.addini(INI_DEVICE, type="string", default="", help="device for every audit spec.")
     parser.addini(
@@ -189,6 +190,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except ShardError as exc:
             raise pytest.UsageError(str(exc)) from None
     plugin = AuditPlugin(config, specs, report_dir=_report_dir(config), device=_device(config))
+    plugin.shard = config.stash.get(_SHARD_KEY, None)
     config.stash[PLUGIN_KEY] = plugin
     config.pluginmanager.register(plugin, _PLUGIN_NAME)
     if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
@@ -207,31 +209,36 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> SpecFile |
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With a shard, keep the items of its sweep groups (planned over every spec's groups by
-    ``inferlink_audit.shards``) and, in shard 1, the model-wide items; deselect the rest.
+    """With a shard, keep each spec's items of the sweep groups that spec's own plan gives
+    this shard (the plan of ``inferlink-audit run SPEC --shard I/N``) and, in shard 1, its
+    model-wide items; deselect the rest. Kept items carry a ``shard`` JUnit property.
 
-    First among the hooks, so ``-k`` or a reordering plugin cannot change the plan: every
-    shard plans over the same groups, in the order the specs were given."""
+    First among the hooks, so ``-k`` or a reordering plugin cannot change the plan."""
     shard = config.stash.get(_SHARD_KEY, None)
     if shard is None:
         return
-    from inferlink_audit.shards import plan_shards, sweep_costs
+    from inferlink_audit.shards import ShardError, refuse_unsplittable, shard_of_spec
 
     audit_items = [item for item in items if isinstance(item, CheckItem)]
-    spec_files = {item.spec_file.spec_index: item.spec_file for item in audit_items}
-    costs: dict[tuple[int, str, str], int] = {}
-    for index in sorted(spec_files):
-        for (f, a), cost in sweep_costs(spec_files[index].spec).items():
-            costs[(index, f, a)] = cost
-    mine = set(plan_shards(costs, shard.count)[shard.index - 1])
+    groups: dict[Path, set[tuple[str, str]]] = {}
+    for item in audit_items:
+        spec_file = item.spec_file
+        if spec_file.path not in groups:
+            try:
+                refuse_unsplittable(spec_file.spec, OPTION_SHARD)
+            except ShardError as exc:
+                raise pytest.UsageError(str(exc)) from None
+            groups[spec_file.path] = set(shard_of_spec(spec_file.spec, shard))
 
     def kept(item: CheckItem) -> bool:
         planned = item.planned
         if planned.filter is None:
             return shard.index == 1
-        return (item.spec_file.spec_index, planned.filter, planned.attack or "") in mine
+        return (planned.filter, planned.attack or "") in groups[item.spec_file.path]
 
     deselected = [item for item in audit_items if not kept(item)]
+    for item in audit_items:
+        item.user_properties.append(("shard", str(shard)))
     if deselected:
         dropped = set(map(id, deselected))
         config.hook.pytest_deselected(items=deselected)

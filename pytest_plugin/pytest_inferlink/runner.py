@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from inferlink_audit.audit import AuditSession
     from inferlink_audit.cache import DiskSweepCache
     from inferlink_audit.results import AuditResult
+    from inferlink_audit.shards import Shard
     from inferlink_audit.spec import AuditSpec
 
     from .assemble import SpecStats
@@ -79,6 +80,8 @@ class AuditPlugin:
         self.stats: list[SpecStats] = []
         self.written: list[Path] = []
         self.problems: list[str] = []
+        self.shard: Shard | None = None  # --inferlink-shard: write shard files, not a report
+        self.shard_notes: dict[str, str] = {}
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         where = "no disk cache" if getattr(config, "cache", None) is None else "sweeps cached"
@@ -227,7 +230,9 @@ class AuditPlugin:
         self.stats = spec_stats(payloads)
         self.result = assemble_result(payloads, seconds=time.perf_counter() - self._t0)
         self.problems.extend(finding_lines(self.result))
-        if self.result is not None:
+        if self.shard is not None:
+            self._write_shards(payloads)
+        elif self.result is not None:
             try:
                 self.written.append(write_results(self.result, self.report_dir / "results.json"))
                 self.written.append(render_report(self.result, self.report_dir))
@@ -235,13 +240,34 @@ class AuditPlugin:
                 self.problems.append(f"could not write the report to {self.report_dir}: {exc}")
         summary_path = os.environ.get(STEP_SUMMARY_ENV)
         if summary_path:
-            report_path = self.written[-1] if self.written else None
-            text = step_summary(self.result, self.stats, report_path, self._collect_errors)
+            report_path = self.written[-1] if self.written and self.shard is None else None
+            text = step_summary(
+                self.result, self.stats, report_path, self._collect_errors, self.shard_notes
+            )
             try:
                 with open(summary_path, "a", encoding="utf-8") as handle:
                     handle.write(text)
             except OSError as exc:
                 self.problems.append(f"could not append to ${STEP_SUMMARY_ENV} ({exc})")
+
+    def _write_shards(self, payloads: list[dict[str, Any]]) -> None:
+        """A shard writes each spec's part for ``inferlink-audit merge``; a report of a part
+        would read as the whole audit's, so merge writes the report."""
+        from inferlink_audit.errors import AuditError
+        from inferlink_audit.results import write_results
+
+        from .sharding import shard_files
+
+        assert self.shard is not None
+        seconds = time.perf_counter() - self._t0
+        try:
+            parts = shard_files(payloads, self.shard, self.report_dir, seconds=seconds)
+            for part in parts:
+                self.shard_notes.update(part.notes)
+            for part in parts:
+                self.written.append(write_results(part.result, part.path))
+        except (OSError, AuditError) as exc:
+            self.problems.append(f"could not write the shard's results to {self.report_dir}: {exc}")
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.is_worker or not (self.stats or self._collect_errors):
@@ -249,5 +275,8 @@ class AuditPlugin:
         from .ci import terminal_lines
 
         terminalreporter.write_sep("=", "inferlink-audit")
-        for line in terminal_lines(self.stats, self._collect_errors, self.written, self.problems):
+        lines = terminal_lines(
+            self.stats, self._collect_errors, self.written, self.problems, self.shard_notes
+        )
+        for line in lines:
             terminalreporter.write_line(line)

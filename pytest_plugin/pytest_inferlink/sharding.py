@@ -1,0 +1,102 @@
+"""``--inferlink-shard I/N``: which items a shard keeps, and the shard files it writes.
+
+Each spec is split on its own, with exactly the plan ``inferlink-audit run SPEC --shard I/N``
+uses (``inferlink_audit.shards``), so a spec's shard file from pytest and from the command
+line hold the same sweep groups and ``inferlink-audit merge`` joins either. A spec that
+compares models (``compare:``) is written together with the specs it compares, as
+``inferlink-audit run`` writes it. The model-wide items (clean accuracy, attacks on the
+unfiltered network, Lipschitz bounds, transferability) run in shard 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inferlink_audit.results import AuditResult
+
+from .assemble import assemble_result
+
+if TYPE_CHECKING:
+    from inferlink_audit.shards import Shard
+    from inferlink_audit.spec import AuditSpec
+
+__all__ = ["ShardFile", "shard_files", "shard_note"]
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One audit's shard: where its results.json goes and what it holds."""
+
+    path: Path
+    result: AuditResult
+    notes: dict[str, str]  # spec path -> "shard 1/2: 2 of 4 sweep groups"
+
+
+def shard_note(shard: Shard, held: int, total: int) -> str:
+    """What a shard's summary says instead of a verdict of the whole audit."""
+    extra = " and the model-wide checks" if shard.index == 1 else ""
+    return f"shard {shard}: {held} of {total} sweep groups{extra}"
+
+
+def _units(specs: dict[str, AuditSpec]) -> list[list[str]]:
+    """The specs written to one file each: a spec with the specs it compares (run order)."""
+    peers = {
+        str(Path(p).resolve()): root
+        for root, spec in specs.items()
+        for p in spec.compare
+        if str(Path(p).resolve()) in specs
+    }
+    units = []
+    for path, spec in specs.items():
+        if path in peers and peers[path] != path:
+            continue  # written with the spec that compares it
+        compared = [str(Path(p).resolve()) for p in spec.compare]
+        units.append([path, *(p for p in compared if p in specs)])
+    return units
+
+
+def _by_model(result: AuditResult, paths: Sequence[str]) -> AuditResult:
+    order = {p: i for i, p in enumerate(paths)}
+    models = sorted(result.models, key=lambda m: order.get(m.spec_path, len(order)))
+    return replace(result, models=models, consistency=None)  # merge computes it on all sweeps
+
+
+def shard_files(
+    payloads: list[dict[str, Any]], shard: Shard, report_dir: Path, *, seconds: float
+) -> list[ShardFile]:
+    """One shard file per audited spec (a spec that compares: with the compared models), in
+    ``report_dir`` when the run has one, else in ``report_dir/<spec name>/``."""
+    from inferlink_audit.shards import shard_record
+    from inferlink_audit.spec_loader import load_spec
+
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for payload in sorted(payloads, key=lambda p: p["spec_index"]):
+        by_path.setdefault(payload["spec"], []).append(payload)
+    specs = {path: load_spec(Path(path)) for path in by_path}
+    units = _units(specs)
+    files = []
+    for paths in units:
+        result = assemble_result([p for path in paths for p in by_path[path]], seconds=seconds)
+        if result is None:
+            continue  # no model loaded: the items' errors say why
+        result = _by_model(result, paths)
+        members = {
+            p["spec"]: p["model"]["scope_members"] for p in payloads if p["model"] is not None
+        }
+        parts = [(specs[m.spec_path], m, members[m.spec_path]) for m in result.models]
+        transfer = next((p["transfer"] for p in by_path[paths[0]] if p.get("transfer")), None)
+        root = specs[paths[0]]
+        record = shard_record(
+            shard, parts, transfer=transfer if root.compare and shard.index == 1 else None
+        )
+        result = replace(result, meta={**result.meta, "shard": record})
+        folder = report_dir if len(units) == 1 else report_dir / root.name
+        total = len(record["all_sweeps"])
+        notes = {paths[0]: shard_note(shard, len(record["sweeps"]), total)}
+        for path, peer in zip(paths[1:], record.get("peers", []), strict=True):
+            notes[path] = shard_note(shard, len(peer["sweeps"]), len(peer["all_sweeps"]))
+        files.append(ShardFile(folder / "results.json", result, notes))
+    return files
