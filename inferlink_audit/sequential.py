@@ -222,7 +222,13 @@ def run_in_rounds(
         for key, part in evaluate_round(r, due).items():
             parts[key].append(part)
         merged.update({key: merge(parts[key]) for key in due})
-        status = settled([merged[key] for key in keys])
+        looked = settled([merged[key] for key in keys])
+        # A closed sweep keeps the decision it closed on: a later look at the others can make
+        # a check it reads uncertain again, but it is not evaluated further.
+        status = [
+            now if k in open_keys else then
+            for k, now, then in zip(keys, looked, status, strict=True)
+        ]
         open_keys = [k for k, done in zip(keys, status, strict=True) if k in open_keys and not done]
         if not open_keys:
             break

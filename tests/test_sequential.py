@@ -398,6 +398,36 @@ def test_a_reopened_sweep_is_looked_at_again_and_goes_on_only_while_undecided() 
     assert calls == []  # "b" is decided on what it has: not evaluated again
 
 
+def test_a_sweep_that_closed_decided_stays_recorded_as_decided() -> None:
+    """A check reading two sweeps can turn uncertain after one of them closed (the other's
+    later rounds widen its interval); the closed sweep is not evaluated further and its record
+    keeps the decision it closed on (on digits, two pulse sweeps stopped on 320 of 360
+    examples were recorded undecided and counted as having run out of data)."""
+    removed = np.linspace(0.0, 1.0, T)
+    plan = RoundPlan.of(N, ROUND, 8, N, 0)
+    bits = np.ones((T, N), dtype=bool)
+
+    def evaluate_round(r: int, keys: list[Any]) -> dict[Any, SweepResult]:
+        part = bits[:, plan.indices(r + 1, r)]
+        packed, first = np.packbits(part, axis=-1), np.packbits(part[0])
+        outcomes = SweepOutcomes(part.shape[1], packed, packed, first, first)
+        return {key: _sweep(outcomes, removed) for key in keys}
+
+    def settled(sweeps: list[SweepResult]) -> list[bool]:
+        a, b = (s.outcomes.n if s.outcomes is not None else 0 for s in sweeps)
+        # "a" is decided from round 2 on while "b" has under 3 rounds; "b" from round 4 on.
+        return [a >= 2 * ROUND and b < 3 * ROUND, b >= 4 * ROUND]
+
+    swept = run_in_rounds(
+        ["a", "b"], plan, evaluate_round, lambda parts: merge_rounds(parts, plan, TAU), settled
+    )
+    records = [s.sequential for s in swept]
+    assert [(r.rounds, r.stopped_early, r.decided) for r in records if r] == [
+        (2, True, True),
+        (4, True, True),
+    ]
+
+
 # --------------------------------------------------------------------------- spec errors
 def test_sequential_with_fast_batched_passes_is_a_spec_error_naming_the_key(
     tmp_path: Path,
