@@ -69,6 +69,20 @@ def module_type(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def type_names(module: nn.Module) -> set[str]:
+    """The names ``filtering.layers.types`` matches: the module's class and its base classes, so
+    that an ``nn.Linear`` subclass (``MultiheadAttention.out_proj``, a
+    ``NonDynamicallyQuantizableLinear``) is a Linear, as DESIGN §1.1 says."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return {module_type(module)}
+    cls = (
+        parametrize.type_before_parametrizations(module)
+        if parametrize.is_parametrized(module)
+        else type(module)
+    )
+    return {c.__name__ for c in cls.__mro__ if issubclass(c, nn.Module) and c is not nn.Module}
+
+
 def _refuse(layer: str, name: str, what: str, fix: str) -> UnsupportedError:
     return UnsupportedError(
         f"filtering.layers selects {layer}.{name}, which {what}: zeroing it would not change "
@@ -139,7 +153,7 @@ def select_layers(model: nn.Module, selection: LayerSelectionSpec) -> list[Analy
     layers = []
     for name, module in model.named_modules():
         kind = module_type(module)
-        if not name or kind not in selection.types:
+        if not name or not type_names(module) & set(selection.types):
             continue
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in selection.include):
             continue

@@ -234,6 +234,7 @@ def check_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, num_outputs
     from .devices import is_out_of_memory
 
     shape = tuple(x.shape)
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         try:
@@ -268,7 +269,9 @@ def check_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, num_outputs
             raise ModelLoadError(
                 f"the model's logits are not differentiable with respect to its input "
                 f"({type(exc).__name__}: {one_line(exc)}); attacks need that gradient. Remove "
-                "torch.no_grad(), .detach() or non-differentiable steps from forward().",
+                "torch.no_grad(), .detach() or non-differentiable steps from forward(). A model "
+                "of integer inputs (token ids cast with .long() for an nn.Embedding) cannot be "
+                "audited: attacks move inputs by real amounts.",
                 key=FACTORY_KEY,
             ) from exc
         if grad is None or not bool(torch.isfinite(grad).all()):
@@ -278,3 +281,131 @@ def check_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, num_outputs
                 "by zero or logs of zero.",
                 key=FACTORY_KEY,
             )
+        _require_stateless(module, buffers, shape)
+        _require_repeatable(module, leaf, out.detach(), shape)
+    _require_per_example(module, x, out.detach(), shape)
+
+
+# Two passes over the same examples may differ by rounding (another batch size can take another
+# kernel); a random or batch-dependent forward moves the logits by far more than this, relative
+# to the largest logit.
+_REPEAT_TOLERANCE = 1e-3
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = max(1.0, float(a.abs().max()))
+    return bool((a.float() - b.float()).abs().max() > _REPEAT_TOLERANCE * scale)
+
+
+def _user_name(name: str) -> str:
+    """A wrapper's name (``model.drop``) as the user's network names it (``drop``)."""
+    return name.removeprefix("model.") if name != "model" else "forward() of the model itself"
+
+
+def _require_stateless(
+    module: nn.Module, before: dict[str, torch.Tensor], shape: tuple[int, ...]
+) -> None:
+    """A forward pass that writes its buffers makes each pass see another network: every
+    accuracy would depend on how many passes ran before it (and the audit's restore check
+    would void the run only after the work)."""
+    changed = [
+        _user_name(name)
+        for name, b in module.named_buffers()
+        if name in before and not torch.equal(b.detach(), before[name])
+    ]
+    if changed:
+        raise ModelLoadError(
+            f"one forward and backward pass on a batch of shape {shape} changed these buffers "
+            f"of the model: {listing(changed)}. A model whose forward pass updates its own "
+            "state in eval mode (running statistics, counters, caches) is a different network "
+            "at every pass, so no accuracy of the audit would be the model's. Make forward() "
+            "leave its buffers unchanged in eval mode.",
+            key=FACTORY_KEY,
+        )
+
+
+def _require_repeatable(
+    module: nn.Module, leaf: torch.Tensor, first: torch.Tensor, shape: tuple[int, ...]
+) -> None:
+    """The same batch twice must give the same logits: a random forward (dropout left active,
+    noise) makes every accuracy a random draw that no re-run or reference reproduces."""
+    with torch.enable_grad():
+        second = module(leaf).detach()
+    if not _differ(first, second):
+        return
+    culprits = _random_modules(module, leaf.detach()[:1])
+    training = [_user_name(n) for n, m in module.named_modules() if n and m.training]
+    where = f" It comes from {listing(culprits)}." if culprits else ""
+    stuck = (
+        f" Modules still in training mode after eval(): {listing(training)}." if training else ""
+    )
+    raise ModelLoadError(
+        f"two forward passes on the same batch (shape {shape}) gave different logits: the model "
+        f"is random at inference, so every accuracy would be a random draw.{where}{stuck} "
+        "Dropout or noise active in eval mode (F.dropout(..., training=True), a train() that "
+        "keeps dropout on) cannot be audited; make forward() deterministic in eval mode.",
+        key=FACTORY_KEY,
+    )
+
+
+def _random_modules(module: nn.Module, x: torch.Tensor) -> list[str]:
+    """The innermost modules whose output differs between two passes on one input although
+    their input did not."""
+    calls: list[list[tuple[str, list[torch.Tensor], list[torch.Tensor]]]] = [[], []]
+    run = 0
+
+    def tensors(value: Any) -> list[torch.Tensor]:
+        flat = value if isinstance(value, (tuple, list)) else (value,)
+        return [t.detach().clone() for t in flat if isinstance(t, torch.Tensor)]
+
+    def hook(name: str) -> Any:
+        def record(_: nn.Module, args: Any, output: Any) -> None:
+            calls[run].append((name, tensors(args), tensors(output)))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules()]
+    try:
+        with torch.no_grad():
+            module(x)
+            run = 1
+            module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found: list[str] = []
+    for (name, in_a, out_a), (_, in_b, out_b) in zip(calls[0], calls[1], strict=False):
+        same_in = len(in_a) == len(in_b) and all(map(torch.equal, in_a, in_b))
+        same_out = len(out_a) == len(out_b) and not any(map(_differ, out_a, out_b))
+        if same_in and not same_out and name not in found:
+            found.append(name)
+    innermost = [n for n in found if not any(o.startswith(f"{n}.") or (o and not n) for o in found)]
+    return [_user_name(n) for n in innermost if n]
+
+
+def _require_per_example(
+    module: nn.Module, x: torch.Tensor, full: torch.Tensor, shape: tuple[int, ...]
+) -> None:
+    """An example's logits must not depend on the other examples of its batch (BatchNorm on
+    batch statistics in eval): the audit's accuracies would then depend on data.batch_size."""
+    half = x.shape[0] // 2
+    if half == 0:
+        return
+    with torch.no_grad():
+        part = module(x[:half])
+    if not _differ(full[:half], part):
+        return
+    norms = [
+        _user_name(n)
+        for n, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    ]
+    where = f" BatchNorm layers without running statistics: {listing(norms)}." if norms else ""
+    raise ModelLoadError(
+        f"the logits of the first {half} examples of a batch of shape {shape} change when they "
+        f"are run as a batch of {half}: each example's output depends on the other examples in "
+        f"its batch, so the audit's accuracies would depend on data.batch_size.{where} Use "
+        "running statistics in eval mode (BatchNorm with track_running_stats=True) or "
+        "per-example normalisation.",
+        key=FACTORY_KEY,
+    )

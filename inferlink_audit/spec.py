@@ -204,7 +204,8 @@ class LayerSelectionSpec(_Strict):
     types: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LAYER_TYPES),
         min_length=1,
-        description="module class names analysed (Conv1d, Conv2d, Conv3d, Linear by default)",
+        description="module class names analysed, a subclass matching its bases (Conv1d, "
+        "Conv2d, Conv3d, Linear by default)",
     )
     include: list[str] = Field(
         default_factory=lambda: ["*"],

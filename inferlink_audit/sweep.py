@@ -129,8 +129,10 @@ class StorageCount:
         self.seen = {_storage_key(t) for t in owned}
         self.bytes = 0
 
-    def add(self, tensors: Iterable[torch.Tensor]) -> int:
+    def add(self, tensors: Iterable[Any]) -> int:
         for t in tensors:
+            if not isinstance(t, torch.Tensor):  # a live int (a ViT's batch size) holds no storage
+                continue
             key = _storage_key(t)
             if key not in self.seen:
                 self.seen.add(key)
