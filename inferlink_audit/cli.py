@@ -106,9 +106,17 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="write it to this file instead of printing it"
     )
     merge = sub.add_parser("merge", help="one report from several runs' results.json")
-    merge.add_argument("results", type=Path, nargs="+")
-    merge.add_argument("--out", type=Path, required=True)
-    merge.add_argument("--debug", action="store_true")
+    merge.add_argument(
+        "results",
+        type=Path,
+        nargs="+",
+        help="results.json files: the N shards of one audit (joined, every check evaluated "
+        "again), or whole runs of different models (side by side)",
+    )
+    merge.add_argument(
+        "--out", type=Path, required=True, help="folder for the merged results.json and report"
+    )
+    merge.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
     return parser
 
 
