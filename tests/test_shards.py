@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import re
 import shlex
 import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -143,7 +147,7 @@ UNSPLITTABLE = {
 def test_a_shard_of_a_spec_that_cannot_be_split_is_refused_naming_the_key(
     key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], pytester: pytest.Pytester
 ) -> None:
-    spec = write_spec(tmp_path, **UNSPLITTABLE[key])  # type: ignore[arg-type]
+    spec = write_spec(tmp_path, **UNSPLITTABLE[key])
     out = tmp_path / "no-out"
     assert main(["run", str(spec), "--out", str(out), "--shard", "1/2", "--quiet"]) == 2
     assert not (out / "results.json").exists()
@@ -151,7 +155,7 @@ def test_a_shard_of_a_spec_that_cannot_be_split_is_refused_naming_the_key(
     assert re.search(rf"error: {re.escape(str(spec))}:\d+: {key}: cannot run in shards", err)
     assert "run this spec without --shard" in err
     # The plugin refuses it before any item runs, naming its own option.
-    write_spec(pytester.path, **UNSPLITTABLE[key])  # type: ignore[arg-type]
+    write_spec(pytester.path, **UNSPLITTABLE[key])
     result = pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "2/2")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
@@ -357,3 +361,239 @@ def test_the_github_actions_recipe_uses_the_command_lines_options() -> None:
         args = _parser().parse_args(command[1:])
         if args.command == "run":
             assert (args.shard, args.cache) == ("1/2", Path(".inferlink-cache"))
+
+
+# --------------------------------------------------------------------------- pytest's shard files
+STATISTICS = {"resamples": 200}  # 95 %, seeded by the spec's seed 0
+
+
+def stats_spec(folder: Path) -> Path:
+    """The small spec with statistics: every check gets an interval, every sweep its label
+    probabilities."""
+    return write_spec(
+        folder,
+        filtering={"thresholds": 4, "filters": FILTERS},
+        attacks=ATTACKS,
+        checks=CHECKS,
+        statistics=STATISTICS,
+    )
+
+
+def run_pytest(folder: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """pytest in its own interpreter, as a CI job runs it; its output."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=folder,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stats_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The statistics spec run serially and as two shards, by the plugin (``serial``, ``p1``,
+    ``p2``) and by the command line (``cli``, ``c1``, ``c2``); shard 1's pytest output,
+    step summary and JUnit XML kept next to them."""
+    folder = tmp_path_factory.mktemp("stats-shards")
+    spec = stats_spec(folder)
+    run_pytest(folder, OPTION_AUDIT, "audit.yaml", "--inferlink-report", "serial")
+    summary = folder / "summary.md"
+    output = run_pytest(
+        folder,
+        *(OPTION_AUDIT, "audit.yaml", "--inferlink-report", "p1", OPTION_SHARD, "1/2"),
+        "--junitxml=junit.xml",
+        env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )
+    (folder / "p1.out").write_text(output)
+    run_pytest(folder, OPTION_AUDIT, "audit.yaml", "--inferlink-report", "p2", OPTION_SHARD, "2/2")
+    assert main(["run", str(spec), "--out", str(folder / "cli"), "--quiet"]) == 0
+    for i in (1, 2):
+        out = folder / f"c{i}"
+        assert main(["run", str(spec), "--out", str(out), "--shard", f"{i}/2", "--quiet"]) == 0
+    return folder
+
+
+def test_the_plugins_shards_merged_equal_a_serial_plugin_run(stats_runs: Path) -> None:
+    shards = [str(stats_runs / f"p{i}" / "results.json") for i in (1, 2)]
+    assert main(["merge", *shards, "--out", str(stats_runs / "pm")]) == 0
+    serial = json.loads((stats_runs / "serial" / "results.json").read_text())["models"][0]
+    merged = json.loads((stats_runs / "pm" / "results.json").read_text())["models"][0]
+    scopes = len(serial["layers"]) + 1  # every layer and the global scope
+    assert len(merged["sweeps"]) == len(serial["sweeps"]) == 4 * scopes
+    for ours, theirs in zip(merged["sweeps"], serial["sweeps"], strict=True):
+        assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+    assert [c["id"] for c in merged["checks"]] == [c["id"] for c in serial["checks"]]
+    for ours, theirs in zip(merged["checks"], serial["checks"], strict=True):
+        assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+    assert models_json(stats_runs / "pm" / "results.json") == models_json(
+        stats_runs / "serial" / "results.json"
+    )
+
+
+def test_the_plugins_shard_file_equals_the_command_lines(stats_runs: Path) -> None:
+    """Same plan (costs with the layers' sizes), same sweeps, same ``meta.shard``."""
+    for i in (1, 2):
+        plugin = json.loads((stats_runs / f"p{i}" / "results.json").read_text())
+        cli = json.loads((stats_runs / f"c{i}" / "results.json").read_text())
+        assert plugin["meta"]["shard"] == cli["meta"]["shard"]
+        assert plugin["models"][0]["sweeps"] == cli["models"][0]["sweeps"]
+        info = cli["meta"]["shard"]
+        assert info["index"] == i and len(info["sweeps"]) == 2
+        weights = sum(layer["numel"] for layer in cli["models"][0]["layers"])
+        # (local + global) × weights × thresholds × passes (fgsm: 3, gaussian: 2)
+        assert info["costs"] == [2 * weights * 4 * passes for _ in FILTERS for passes in (3, 2)]
+
+
+def intervals(path: Path) -> list[object]:
+    """Every interval, certainty and label probability of a results.json, in order."""
+    model = json.loads(path.read_text())["models"][0]
+    found: list[object] = [model["clean_accuracy_ci"], [a["accuracy_ci"] for a in model["attacks"]]]
+    found += [(c["id"], c["ci"], c["certain"]) for c in model["checks"] if "ci" in c]
+    found += [s["statistics"] for s in model["sweeps"]]
+    return found
+
+
+def test_sharded_statistics_merged_equal_a_serial_run_interval_for_interval(
+    stats_runs: Path, tmp_path: Path
+) -> None:
+    """Merge recomputes the bootstrap and Wilson intervals from the shards' per-example
+    outcomes: with every interval removed from the shard files it still gives the serial
+    run's, to the last digit."""
+    shards = []
+    for i in (1, 2):
+        data = json.loads((stats_runs / f"c{i}" / "results.json").read_text())
+        model = data["models"][0]
+        for key in ("clean_accuracy_ci",):
+            model.pop(key, None)
+        for item in [*model["attacks"], *model["checks"], *model["sweeps"]]:
+            for key in ("accuracy_ci", "ci", "certain", "statistics"):
+                item.pop(key, None)
+        shards.append(tmp_path / f"bare{i}.json")
+        shards[-1].write_text(json.dumps(data))
+    assert main(["merge", *map(str, shards), "--out", str(tmp_path / "merged")]) == 0
+    serial = intervals(stats_runs / "cli" / "results.json")
+    assert intervals(tmp_path / "merged" / "results.json") == serial
+    checks = [x for x in serial if isinstance(x, tuple)]
+    assert len(checks) == 11 and any(certain is False for _, _, certain in checks)
+    assert models_json(tmp_path / "merged" / "results.json") == models_json(
+        stats_runs / "cli" / "results.json"
+    )
+
+
+def test_a_pytest_shard_says_it_is_a_shard_not_the_audits_verdict(stats_runs: Path) -> None:
+    output = (stats_runs / "p1.out").read_text()
+    assert re.search(
+        r"digits-small \(audit.yaml\): shard 1/2: 2 of 4 sweep groups and the model-wide "
+        r"checks: 8 passed, 0 failed",
+        output,
+    )
+    assert f"shard results: {stats_runs / 'p1' / 'results.json'}" in output
+    assert "join every shard's results.json with 'inferlink-audit merge'" in output
+    assert not (stats_runs / "p1" / "report.html").exists()  # merge writes the report
+    summary = (stats_runs / "summary.md").read_text()
+    assert "## inferlink-audit: one shard, its checks PASS" in summary
+    assert "digits-small: shard 1/2: 2 of 4 sweep groups and the model-wide checks, PASS" in summary
+    cases = ET.parse(stats_runs / "junit.xml").getroot().iter("testcase")
+    shards = [
+        [p.get("value") for p in case.iter("property") if p.get("name") == "shard"]
+        for case in cases
+    ]
+    assert len(shards) == 8 and all(s == ["1/2"] for s in shards)
+
+
+def test_each_spec_of_a_pytest_run_is_split_by_its_own_plan(pytester: pytest.Pytester) -> None:
+    """Two specs: each one's items follow ``inferlink-audit run SPEC --shard``'s plan for it
+    (planned over both specs' groups together, shard 1 would hold one of the first spec's
+    four groups, not two), and each spec's shard file goes to its own folder."""
+    small_spec(pytester.path)
+    one = write_spec(
+        pytester.path,
+        "one.yaml",
+        name="digits-one",
+        filtering={"thresholds": 4, "filters": ["pulse"]},
+        checks={"max_targeted_layers": 4},
+    )
+    specs = {p: load_spec(pytester.path / p) for p in ("audit.yaml", one.name)}
+    for i in (1, 2):
+        result = pytester.runpytest_subprocess(
+            OPTION_AUDIT, "audit.yaml", OPTION_AUDIT, one.name, OPTION_SHARD, f"{i}/2", "--co", "-q"
+        )
+        nodes = [line for line in result.outlines if "::" in line]
+        for path, spec in specs.items():
+            groups = shard_of_spec(spec, parse_shard(f"{i}/2"))
+            seen = {
+                (f, a)
+                for node in nodes
+                if node.startswith(path)
+                for f in spec.filtering.filters
+                for a in (x.id for x in spec.attack_specs)
+                if f"[{f}-{a}-" in node
+            }
+            assert seen == set(groups)
+    assert shard_of_spec(specs["audit.yaml"], parse_shard("1/2")) == [
+        ("low_pass", "fgsm_eps0.1"),
+        ("low_pass", "gaussian_sigma0.1"),
+    ]
+    result = pytester.runpytest_subprocess(
+        OPTION_AUDIT,
+        "audit.yaml",
+        OPTION_AUDIT,
+        one.name,
+        OPTION_SHARD,
+        "1/2",
+        "--inferlink-report",
+        "out",
+        "-p",
+        "no:cacheprovider",
+    )
+    assert result.ret == 0
+    for name in ("digits-small", "digits-one"):
+        shard = read_results(pytester.path / "out" / name / "results.json")
+        assert shard.models[0].name == name and shard.meta["shard"]["index"] == 1
+
+
+def test_a_compare_spec_sharded_and_merged_equals_a_serial_run(pytester: pytest.Pytester) -> None:
+    """compare: every model split by its own plan; shard 1 measures transferability; merge
+    recomputes the label consistency on the joined sweeps. The plugin's shards (the spec and
+    the one it compares in one file) merge to the same."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.specs import EXAMPLES, digits_spec
+
+    folder = pytester.path
+    torch.manual_seed(1)
+    state = load_file(EXAMPLES / "digits_cnn.safetensors")
+    noisy = folder / "noisy.safetensors"
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}, noisy)
+    model = {**digits_spec()["model"], "checkpoint": str(noisy)}
+    small = {"thresholds": 4, "filters": ["low_pass", "pulse"], "scopes": ["local"]}
+    checks = {"min_clean_accuracy": 0.5, "max_targeted_layers": 4}
+    write_spec(
+        folder, "other.yaml", name="digits-noisy", model=model, filtering=small, checks=checks
+    )
+    spec = write_spec(folder, filtering=small, compare=["other.yaml"], checks=checks)
+    assert main(["run", str(spec), "--out", str(folder / "serial"), "--quiet"]) == 0
+    for i in (1, 2):
+        args = ["run", str(spec), "--out", str(folder / f"c{i}"), "--shard", f"{i}/2"]
+        assert main([*args, "--quiet"]) == 0
+        report = ("--inferlink-report", f"p{i}", "-p", "no:cacheprovider")
+        result = pytester.runpytest_subprocess(
+            OPTION_AUDIT, "audit.yaml", OPTION_SHARD, f"{i}/2", *report
+        )
+        assert result.ret == 0
+    serial = json.loads((folder / "serial" / "results.json").read_text())
+    assert serial["consistency"]["transfer"] and serial["consistency"]["layers"]
+    for made in ("c", "p"):  # the command line's shards, the plugin's
+        shards = [str(folder / f"{made}{i}" / "results.json") for i in (1, 2)]
+        assert main(["merge", *shards, "--out", str(folder / f"{made}m")]) == 0
+        merged = json.loads((folder / f"{made}m" / "results.json").read_text())
+        assert [m["name"] for m in merged["models"]] == ["digits-small", "digits-noisy"]
+        for key in ("models", "consistency"):
+            assert json.dumps(merged[key], sort_keys=True) == json.dumps(
+                serial[key], sort_keys=True
+            )
