@@ -424,4 +424,8 @@ def deterministic_settings(device: torch.device) -> dict[str, Any]:
         # user setting is respected.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
         settings["CUBLAS_WORKSPACE_CONFIG"] = os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        # cuDNN runs fp32 convolutions (and RNNs) in TF32 by default on Ampere and later, a
+        # 10-bit mantissa: exact fp32 is the audit's definition, so every backend runs IEEE.
+        torch.backends.fp32_precision = "ieee"  # type: ignore[attr-defined]
+        settings["fp32_precision"] = "ieee"
     return settings

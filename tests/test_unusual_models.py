@@ -13,6 +13,7 @@ LayerNorm2d and layer-scale parameters, stochastic depth and SiLU, ``nn.Multihea
 from __future__ import annotations
 
 import copy
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 from torchvision.models.vision_transformer import VisionTransformer
 
 from inferlink_audit.audit import AuditSession
+from inferlink_audit.devices import deterministic_settings
 from inferlink_audit.errors import ModelLoadError
 from inferlink_audit.spec_loader import load_spec
 
@@ -402,3 +404,34 @@ def test_integer_token_inputs_are_refused_naming_the_model_factory(tmp_path):
     with pytest.raises(ModelLoadError, match="integer inputs") as info:
         session.clean_accuracy()
     assert info.value.key == "model.factory"
+
+
+# --------------------------------------------------------------------------- exact fp32 on CUDA
+def test_a_cuda_audit_runs_fp32_convolutions_in_ieee_not_tf32():
+    """cuDNN's default runs fp32 convolutions and RNNs in TF32 on Ampere and later GPUs; an
+    audit's fp32 is exact, so the device settings turn it off (only flags: no GPU needed)."""
+    saved = torch.backends.fp32_precision
+    conv, rnn = torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
+    determinism = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        settings = deterministic_settings(torch.device("cuda", 0))
+        assert settings["fp32_precision"] == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cudnn.rnn.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.fp32_precision = saved
+        torch.backends.cudnn.conv.fp32_precision = conv
+        torch.backends.cudnn.rnn.fp32_precision = rnn
+        torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = determinism[2:]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
