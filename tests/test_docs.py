@@ -106,7 +106,8 @@ README_RUNS: dict[str, int] = {
     "inferlink-audit run audit.yaml --shard 1/2 --out shard-1 --cache .inferlink-cache": 0,
     "inferlink-audit run audit.yaml --shard 2/2 --out shard-2 --cache .inferlink-cache": 0,
     "inferlink-audit merge shard-1/results.json shard-2/results.json --out inferlink-report": 0,
-    "pytest --inferlink-audit audit.yaml --inferlink-shard 1/2": 0,
+    "pytest --inferlink-audit audit.yaml --inferlink-shard 1/2 --inferlink-report shard-1": 0,
+    "pytest --inferlink-audit audit.yaml --inferlink-shard 2/2 --inferlink-report shard-2": 0,
     "inferlink-audit schema --out inferlink-audit.schema.json": 0,
 }
 
