@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from inferlink_audit.audit import AuditSession, run_audit
+from inferlink_audit.spec import AuditSpec
 from inferlink_audit.spec_loader import load_spec, parse_spec
 
 from .specs import EXAMPLES, write_spec
@@ -268,3 +271,219 @@ def test_the_tutorial_runs_as_written_and_prints_what_it_shows(tmp_path):
             text = text.replace("thresholds: 25", "thresholds: 5")
             text = text.replace("filters: [low_pass, high_pass, pulse]", "filters: [low_pass]")
             spec_file.write_text(text)
+
+
+def test_the_tutorials_python_snippet_writes_files_an_audit_reads(tmp_path):
+    """The snippet saves a model and a test set; a spec pointing at them measures the model's
+    own accuracy on that test set."""
+    snippet = code_blocks(TUTORIAL, "python")[0]
+    (tmp_path / "models.py").write_text(
+        "from torch import nn\n\n\n"
+        "def Net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))\n"
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x_test = torch.rand(20, 3, 2, 2)
+    y_test = torch.randint(0, 3, (20,))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(snippet, {"model": model, "x_test": x_test, "y_test": y_test})
+    finally:
+        os.chdir(cwd)
+    spec = {
+        "version": 1,
+        "name": "mine",
+        "model": {"factory": "models.py:Net", "checkpoint": "my_model.safetensors"},
+        "data": {"source": "tensors", "path": "my_test.pt"},
+        "device": "cpu",
+    }
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with torch.no_grad():
+        expected = float((model(x_test).argmax(1) == y_test).float().mean())
+    assert AuditSession(load_spec(path)).clean_accuracy() == pytest.approx(expected)
+
+
+def test_the_tutorials_fixes_are_edits_that_make_a_valid_spec(tmp_path):
+    """Section 6's inline edits (a training split, remediation, an excluded layer with its
+    reason) applied to the ShuffleNet spec validate, and digits32.py has the flag that writes
+    the training split (read from its source: importing it would pin torch's CPU kernels)."""
+    fixes = TUTORIAL.read_text(encoding="utf-8").split("## 6. Fix it", 1)[1]
+    found = re.findall(r"`((train|remediation|exclude): [^`]+)`", fixes)
+    snippets = {key: snippet for snippet, key in found}
+    assert set(snippets) == {"train", "remediation", "exclude"}, found
+    text = (EXAMPLES / "digits32.yaml").read_text(encoding="utf-8")
+    text = text.replace("\ndata:\n", f"\ndata:\n  {snippets['train']}\n", 1)
+    text = text.replace("\n  layers:\n", f"\n  layers:\n    {snippets['exclude']}\n", 1)
+    text += f"{snippets['remediation']}\n"
+    loaded = parse_spec(text, path=tmp_path / "audit.yaml")
+    assert loaded.remediation is not None
+    assert loaded.data.train is not None and loaded.data.train.path == tmp_path / "my_train.pt"
+    assert loaded.filtering.layers.exclude == ["conv1.0"]
+    flag = re.search(r"`digits32\.py (--[a-z-]+) my_train\.pt`", " ".join(fixes.split()))
+    assert flag is not None
+    source = (EXAMPLES / "digits32.py").read_text(encoding="utf-8")
+    assert f'add_argument("{flag.group(1)}"' in source
+
+
+# --------------------------------------------------------------------------- numbers, links, names
+def readme_prose() -> str:
+    """The README's text with line breaks as spaces (numbers quoted across lines)."""
+    return " ".join(README.read_text(encoding="utf-8").split())
+
+
+def digits_spec(replace: str = "", by: str = "") -> AuditSpec:
+    """example_audits/digits.yaml (what ``make demo`` audits), with one piece of its text
+    replaced, loaded from its own folder."""
+    text = (EXAMPLES / "digits.yaml").read_text(encoding="utf-8")
+    assert text.count(replace) == 1 or not replace, replace
+    return parse_spec(text.replace(replace, by, 1), path=EXAMPLES / "digits.yaml")
+
+
+# The README's names for the attacks it quotes on digits, as spec entries.
+README_ATTACKS = {
+    "FGSM": {"fgsm": {"eps": 0.1}},
+    "PGD-100": {"pgd": {"eps": 0.1, "steps": 100}},
+    "APGD-CE": {"apgd": {"eps": 0.1}},
+    "APGD-T": {"apgd": {"eps": 0.1, "loss": "dlr", "targeted": True}},
+    "Square": {"square": {"eps": 0.1}},
+    "AutoAttack fast": {"autoattack": {"eps": 0.1, "version": "fast"}},
+    "standard": {"autoattack": {"eps": 0.1}},
+}
+
+
+@pytest.mark.slow
+def test_the_readme_attack_accuracies_on_digits_are_what_the_audit_measures():
+    quoted = re.search(
+        r"On the bundled digits model at L∞ ε = 0\.1 \(360 images, clean ([\d.]+) %\): (.*?);",
+        readme_prose(),
+    )
+    assert quoted is not None
+    numbers = dict(re.findall(r"([\w -]+?) ([\d.]+) %", quoted.group(2)))
+    numbers = {name.strip(", "): float(value) for name, value in numbers.items()}
+    assert set(numbers) == set(README_ATTACKS)
+    attacks = yaml.safe_dump(list(README_ATTACKS.values()), default_flow_style=None)
+    spec = digits_spec("attacks:\n  - fgsm: {eps: 0.1}\n", f"attacks:\n{attacks}")
+    session = AuditSession(spec, device="cpu")
+    assert float(quoted.group(1)) == round(100 * session.clean_accuracy(), 1)
+    measured = {
+        name: round(100 * session.attack_result(attack.id).accuracy, 1)
+        for name, attack in zip(README_ATTACKS, spec.attack_specs, strict=True)
+    }
+    assert measured == numbers
+
+
+@pytest.mark.slow
+def test_the_readme_sequential_example_stops_where_it_says():
+    quoted = re.search(
+        r"on the bundled digits example \(360 images, rounds of (\d+)\) (\d+) of its (\d+) "
+        r"sweeps stop early \(on (\d+) to (\d+) images\) and the FGSM accuracy is decided on "
+        r"(\d+)",
+        readme_prose(),
+    )
+    assert quoted is not None
+    rounds, early, total, fewest, most, fgsm = (int(n) for n in quoted.groups())
+    spec = digits_spec(
+        "  resamples: 1000\n", f"  resamples: 1000\n  sequential: {{round: {rounds}}}\n"
+    )
+    result, _, _ = run_audit(spec, device="cpu")
+    model = result.models[0]
+    stopped = [
+        s.sequential.examples for s in model.sweeps if s.sequential and s.sequential.stopped_early
+    ]
+    assert (len(stopped), len(model.sweeps)) == (early, total)
+    assert (min(stopped), max(stopped)) == (fewest, most)
+    assert all(
+        s.sequential.decided for s in model.sweeps if s.sequential and s.sequential.stopped_early
+    )
+    assert model.statistics is not None
+    assert model.statistics["sequential"]["examples"]["fgsm_eps0.1"] == fgsm
+
+
+def test_the_readme_unit_semantics_shares_are_the_digits_models():
+    quoted = re.search(
+        r"\(360 test images, (\d+) units, (\d+) directions, k = (\d+)\), the share of a row in its "
+        r"most common class is (.*?)\. ",
+        readme_prose(),
+    )
+    assert quoted is not None
+    units, directions, k = (int(n) for n in quoted.groups()[:3])
+    shares = re.findall(
+        r"([\d.]+) %(?: for units)? and ([\d.]+) %(?: for directions)? at `(\w+)`", quoted.group(4)
+    )
+    assert len(shares) == 3, quoted.group(4)
+    for unit_share, direction_share, layer in shares:
+        options = f"layer: {layer}, units: {units}, directions: {directions}, k: {k}"
+        analysis = f"analysis:\n  units: {{{options}}}\n"
+        spec = digits_spec("statistics:", f"{analysis}statistics:")
+        result = AuditSession(spec, device="cpu").unit_semantics()
+        assert result is not None
+        mean = {
+            kind: round(100 * sum(r.majority_share or 0.0 for r in rows) / len(rows), 1)
+            for kind, rows in (("units", result.units), ("directions", result.directions))
+        }
+        assert mean == {"units": float(unit_share), "directions": float(direction_share)}, layer
+
+
+# Top-level folders and files of this repository that the docs name as paths.
+REPOSITORY_PATHS = re.compile(
+    r"(?:benchmarks|docs|example_audits|inferlink_audit|pytest_plugin|templates|tests)/[\w./-]*"
+    r"|constraints[\w-]*\.txt|Makefile|CHANGELOG\.md|pyproject\.toml"
+)
+
+
+def user_pages() -> list[Path]:
+    return [README, *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("page", user_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_and_repository_path_a_page_names_exists(page):
+    text = page.read_text(encoding="utf-8")
+    missing = [
+        target
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", text)
+        if "://" not in target and not (page.parent / target).exists()
+    ]
+    for quoted in re.findall(r"`([^`\n]+)`", text):
+        for path in REPOSITORY_PATHS.findall(quoted):
+            if not any(c in path for c in "<*…") and not (ROOT / path.rstrip(".")).exists():
+                missing.append(path)
+    assert missing == []
+
+
+def test_the_readme_layout_names_every_library_module():
+    layout = README.read_text(encoding="utf-8").split("## Layout", 1)[1]
+    library = layout.split("inferlink_audit/", 1)[1].split("pytest_plugin/", 1)[0]
+    named = set(re.findall(r"[a-z_]+", library.split(":", 1)[1]))
+    modules = {p.stem for p in (ROOT / "inferlink_audit").glob("*.py")} - {"__init__", "__main__"}
+    assert modules - named == set(), "modules the README's layout does not name"
+    assert named - modules == set(), "names in the README's layout that are not modules"
+
+
+# Options the docs give to other tools.
+OTHER_TOOLS_OPTIONS = {"--junitxml", "--no-deps", "--nproc-per-node", "--schemafile"}
+
+
+def test_every_option_the_docs_name_exists():
+    """Each ``--option`` on a user page is one of the command line's, the pytest plugin's,
+    digits32.py's (the tutorial's), a benchmark's or another tool's listed above."""
+    from inferlink_audit.cli import _parser
+
+    parser = _parser()
+    known = set(OTHER_TOOLS_OPTIONS)
+    for action in parser._actions:
+        known.update(action.option_strings)
+        for sub in getattr(action, "choices", None) or {}:
+            known.update(o for a in action.choices[sub]._actions for o in a.option_strings)
+    plugin = (ROOT / "pytest_plugin" / "pytest_inferlink" / "plugin.py").read_text()
+    known.update(re.findall(r'"(--inferlink-[a-z-]+)"', plugin))
+    for script in [EXAMPLES / "digits32.py", *(ROOT / "benchmarks").glob("*.py")]:
+        known.update(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', script.read_text()))
+    named = {
+        option
+        for page in user_pages()
+        for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", page.read_text(encoding="utf-8"))
+    }
+    assert named - known == set()
