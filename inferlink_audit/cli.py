@@ -219,9 +219,11 @@ def _run(args: argparse.Namespace) -> int:
         _name_the_spec(exc, spec, args.spec)
         raise
     if shard is not None:
-        held = len(result.meta["shard"]["sweeps"])
-        groups = "sweep group" if held == 1 else "sweep groups"
-        print(f"shard {shard}: {held} {groups}; results: {results_path}")
+        from .shards import shard_note
+
+        info = result.meta["shard"]
+        note = shard_note(shard, len(info["sweeps"]), len(info["all_sweeps"]))
+        print(f"{note}; results: {results_path}")
         return EXIT_PASS if result.passed else EXIT_FAIL
     if not args.quiet:
         print(text_summary(result))

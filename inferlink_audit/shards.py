@@ -8,9 +8,15 @@ the others. Shard 1 also computes the model-wide work (clean accuracy, the attac
 unfiltered network, the Lipschitz bounds, the attack-failure indicators) and its checks.
 
 A shard's results.json records, in ``meta.shard``, which groups it holds and every check the
-spec plans; ``merge_shards`` refuses shards of different specs, checkpoints or versions and
-missing or duplicate shards, joins the sweeps in the serial run's order and evaluates every
-check again on the joined records, so the merged file equals a serial run's (meta aside).
+spec plans, and with ``statistics:`` each sweep's per-example outcomes; ``merge_shards``
+refuses shards of different specs, checkpoints or versions and missing or duplicate shards,
+joins the sweeps in the serial run's order, recomputes the intervals from the outcomes with
+the serial run's seeded resample, and evaluates every check again on the joined records, so
+the merged file equals a serial run's (meta aside). With ``compare:`` each compared model is
+split by its own spec (``meta.shard.peers``), shard 1 measures the transferability and merge
+recomputes the label consistency. ``inferlink-audit run --shard`` and the pytest plugin's
+``--inferlink-shard`` write the same file (``shard_record``). ``statistics.sequential`` and
+``remediation`` are refused (``refuse_unsplittable``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ __all__ = [
     "plan_shards",
     "refuse_unsplittable",
     "run_shard",
+    "shard_note",
     "shard_of_spec",
     "shard_record",
     "sweep_costs",
@@ -166,6 +173,12 @@ def shard_of_spec(
 ) -> list[SweepKey]:
     """The sweep groups shard ``shard`` computes, in serial order."""
     return plan_shards(sweep_costs(spec, layer_numels), shard.count)[shard.index - 1]
+
+
+def shard_note(shard: Shard, held: int, total: int) -> str:
+    """What a shard reports instead of a verdict, which only the merged audit has."""
+    extra = " and the model-wide checks" if shard.index == 1 else ""
+    return f"shard {shard}: {held} of {total} sweep groups{extra}"
 
 
 def in_shard(planned: PlannedCheck, keys: Sequence[SweepKey], shard: Shard) -> bool:

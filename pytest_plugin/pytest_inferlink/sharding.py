@@ -1,4 +1,5 @@
-"""``--inferlink-shard I/N``: which items a shard keeps, and the shard files it writes.
+"""``--inferlink-shard I/N``: the shard files a pytest shard writes (the items it keeps are
+chosen in ``plugin.pytest_collection_modifyitems``).
 
 Each spec is split on its own, with exactly the plan ``inferlink-audit run SPEC --shard I/N``
 uses (``inferlink_audit.shards``), so a spec's shard file from pytest and from the command
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from inferlink_audit.shards import Shard
     from inferlink_audit.spec import AuditSpec
 
-__all__ = ["ShardFile", "shard_files", "shard_note"]
+__all__ = ["ShardFile", "shard_files"]
 
 
 @dataclass(frozen=True)
@@ -35,27 +36,15 @@ class ShardFile:
     notes: dict[str, str]  # spec path -> "shard 1/2: 2 of 4 sweep groups"
 
 
-def shard_note(shard: Shard, held: int, total: int) -> str:
-    """What a shard's summary says instead of a verdict of the whole audit."""
-    extra = " and the model-wide checks" if shard.index == 1 else ""
-    return f"shard {shard}: {held} of {total} sweep groups{extra}"
-
-
 def _units(specs: dict[str, AuditSpec]) -> list[list[str]]:
     """The specs written to one file each: a spec with the specs it compares (run order)."""
-    peers = {
-        str(Path(p).resolve()): root
-        for root, spec in specs.items()
-        for p in spec.compare
-        if str(Path(p).resolve()) in specs
+    compared = {
+        path: [str(Path(p).resolve()) for p in spec.compare if str(Path(p).resolve()) in specs]
+        for path, spec in specs.items()
     }
-    units = []
-    for path, spec in specs.items():
-        if path in peers and peers[path] != path:
-            continue  # written with the spec that compares it
-        compared = [str(Path(p).resolve()) for p in spec.compare]
-        units.append([path, *(p for p in compared if p in specs)])
-    return units
+    peers = {p for paths in compared.values() for p in paths}
+    # A compared spec is written with the spec that compares it, not on its own.
+    return [[path, *compared[path]] for path in specs if path not in peers]
 
 
 def _by_model(result: AuditResult, paths: Sequence[str]) -> AuditResult:
@@ -69,13 +58,14 @@ def shard_files(
 ) -> list[ShardFile]:
     """One shard file per audited spec (a spec that compares: with the compared models), in
     ``report_dir`` when the run has one, else in ``report_dir/<spec name>/``."""
-    from inferlink_audit.shards import shard_record
+    from inferlink_audit.shards import shard_note, shard_record
     from inferlink_audit.spec_loader import load_spec
 
     by_path: dict[str, list[dict[str, Any]]] = {}
     for payload in sorted(payloads, key=lambda p: p["spec_index"]):
         by_path.setdefault(payload["spec"], []).append(payload)
     specs = {path: load_spec(Path(path)) for path in by_path}
+    members = {p["spec"]: p["model"]["scope_members"] for p in payloads if p["model"] is not None}
     units = _units(specs)
     files = []
     for paths in units:
@@ -83,9 +73,6 @@ def shard_files(
         if result is None:
             continue  # no model loaded: the items' errors say why
         result = _by_model(result, paths)
-        members = {
-            p["spec"]: p["model"]["scope_members"] for p in payloads if p["model"] is not None
-        }
         parts = [(specs[m.spec_path], m, members[m.spec_path]) for m in result.models]
         transfer = next((p["transfer"] for p in by_path[paths[0]] if p.get("transfer")), None)
         root = specs[paths[0]]
