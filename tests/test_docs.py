@@ -487,3 +487,11 @@ def test_every_option_the_docs_name_exists():
         for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", page.read_text(encoding="utf-8"))
     }
     assert named - known == set()
+
+
+def test_the_readme_names_every_attack_failure_indicator_with_its_limit():
+    from inferlink_audit.checks import SANITY_LIMITS
+
+    section = readme_prose().split("**Attack-failure indicators**", 1)[1].split("The report's")[0]
+    quoted = re.findall(r"`(\w+)` \([^`]*?(?:limit |≤ )([\d.]+)[):]", section)
+    assert {name: float(limit) for name, limit in quoted} == SANITY_LIMITS
