@@ -132,8 +132,13 @@ def _build(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     torch.manual_seed(0)
     model: nn.Module = globals()[factory](**kwargs)
     with torch.no_grad():
+        # Weights scaled by fan-in and biases drawn (torchvision starts a ViT's head and class
+        # token at zero, ConvNeXt's weights at 0.02): the logits depend on the input.
         for p in model.parameters():
-            p.mul_(2.0)
+            if p.dim() > 1:
+                p.normal_(0.0, 2.0 / p[0].numel() ** 0.5)
+            elif not p.any():
+                p.normal_(0.0, 0.1)
     return model.eval()
 
 
@@ -152,7 +157,7 @@ def _write_audit(
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(32, *shape, generator=gen)
     with torch.no_grad():
-        y = model(x).argmax(1)
+        y = model((x - 0.5) / 0.25).argmax(1)
     y = torch.where(torch.rand(32, generator=gen) < 0.25, (y + 1) % 4, y)
     torch.save(model.state_dict(), folder / "model.pt")
     torch.save({"x": x, "y": y}, folder / "test.pt")
@@ -167,7 +172,12 @@ def _write_audit(
             "kwargs": kwargs,
             "checkpoint": "model.pt",
         },
-        "data": {"source": "tensors", "path": "test.pt", "batch_size": 16},
+        "data": {
+            "source": "tensors",
+            "path": "test.pt",
+            "batch_size": 16,
+            "normalize": {"mean": [0.5], "std": [0.25]},  # centred inputs: varied predictions
+        },
         "device": "cpu",
         "filtering": filtering,
         "attacks": [
@@ -236,6 +246,7 @@ def test_every_curve_of_an_unusual_architecture_equals_a_naive_evaluation(tmp_pa
     attack_id = f"pgd_linf_eps{EPS}_steps{PGD_STEPS}" if pgd else f"fgsm_eps{EPS}"
     sweeps = session.sweeps("pulse", attack_id)
     assert [s.layer for s in sweeps] == [*(layer.name for layer in layers), None]
+    assert any(len(set(s.clean_accuracy + s.adversarial_accuracy)) > 1 for s in sweeps)
     for sweep in sweeps:
         names = [
             f"model.{layer.name}.{tensor}"
