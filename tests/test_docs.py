@@ -380,11 +380,12 @@ def test_the_readme_sequential_example_stops_where_it_says():
     quoted = re.search(
         r"on the bundled digits example \(360 images, rounds of (\d+)\) (\d+) of its (\d+) "
         r"sweeps stop early \(on (\d+) to (\d+) images\) and the FGSM accuracy is decided on "
-        r"(\d+)",
+        r"(\d+), but the ([\w -]+) fragile-fraction checks stay uncertain",
         readme_prose(),
     )
     assert quoted is not None
-    rounds, early, total, fewest, most, fgsm = (int(n) for n in quoted.groups())
+    rounds, early, total, fewest, most, fgsm = (int(n) for n in quoted.groups()[:6])
+    uncertain = {name.replace("-", "_") for name in quoted.group(7).split(" and ")}
     spec = digits_spec(
         "  resamples: 1000\n", f"  resamples: 1000\n  sequential: {{round: {rounds}}}\n"
     )
@@ -400,6 +401,11 @@ def test_the_readme_sequential_example_stops_where_it_says():
     )
     assert model.statistics is not None
     assert model.statistics["sequential"]["examples"]["fgsm_eps0.1"] == fgsm
+    assert {
+        c.id.split("-")[0]
+        for c in model.checks
+        if c.check == "max_fragile_fraction" and c.certain is False
+    } == uncertain
 
 
 def test_the_readme_unit_semantics_shares_are_the_digits_models():
