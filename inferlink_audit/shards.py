@@ -62,6 +62,7 @@ __all__ = [
     "Shard",
     "ShardError",
     "attack_passes",
+    "in_shard",
     "is_shard",
     "merge_shards",
     "parse_shard",
@@ -384,6 +385,16 @@ def _validated(runs: Sequence[tuple[Path, AuditResult]]) -> None:
         lambda r: f"inferlink-audit {r.meta.get('version')}, torch {r.meta.get('torch')}",
     )
     _refuse_mismatch(runs, "shard counts", lambda r: r.meta["shard"]["count"])
+    for path, run in runs:
+        missing = [i for part in _parts(run) for i in part.get("missing_items", [])]
+        if missing:
+            info = run.meta["shard"]
+            raise ShardError(
+                f"cannot merge: {path} (shard {info['index']}/{info['count']}) did not run "
+                f"{len(missing)} of its items ({', '.join(missing[:4])}"
+                f"{', …' if len(missing) > 4 else ''}: deselected by -k, --lf or a plugin); "
+                "re-run that shard without deselecting any of its items."
+            )
 
 
 class _Merged:
@@ -504,6 +515,25 @@ def _resampled(model: ModelResult, seed: int) -> tuple[ModelResult, Sampling | N
     return model, Sampling(confidence, record["decide"], n, draws_of)
 
 
+def _refuse_unmeasured(
+    pieces: Sequence[tuple[ModelResult, Mapping[str, Any]]],
+    by_key: Mapping[SweepKey, list[SweepResult]],
+) -> None:
+    """A check whose sweeps no shard computed (its item failed before measuring) would be
+    evaluated on nothing: refused, naming the shard that should hold them."""
+    for index, (model, part) in enumerate(pieces, 1):
+        held = {(f, a) for f, a in part["sweeps"]}
+        for planned in part["checks"]:
+            key = (planned["filter"], planned["attack"] or "")
+            if planned["filter"] is None or key not in held or by_key.get(key):
+                continue
+            raise ShardError(
+                f"cannot merge: shard {index}/{len(pieces)} holds no sweeps of {key[0]} under "
+                f"{key[1]} for {model.name}, which check {planned['id']} reads (its items failed "
+                "before measuring them); fix the error that shard reports and re-run it."
+            )
+
+
 def _merge_model(pieces: Sequence[tuple[ModelResult, Mapping[str, Any]]], seed: int) -> ModelResult:
     """One model's shards (in shard order) joined, its checks evaluated on the joined data."""
     base, info = pieces[0]
@@ -512,6 +542,7 @@ def _merge_model(pieces: Sequence[tuple[ModelResult, Mapping[str, Any]]], seed: 
         for s in _with_outcomes(model, part):
             by_key.setdefault((s.filter, s.attack), []).append(s)
     sweeps = [s for f, a in info["all_sweeps"] for s in by_key.get((f, a), [])]
+    _refuse_unmeasured(pieces, by_key)
     compute = merge_compute_records([m.compute for m, _ in pieces], base.n_examples)
     joined, sampling = _resampled(replace(base, sweeps=sweeps, checks=[], compute=compute), seed)
     recorded = {c.id: c for c in base.checks}

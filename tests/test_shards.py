@@ -597,3 +597,44 @@ def test_a_compare_spec_sharded_and_merged_equals_a_serial_run(pytester: pytest.
             assert json.dumps(merged[key], sort_keys=True) == json.dumps(
                 serial[key], sort_keys=True
             )
+
+
+def test_merge_refuses_a_pytest_shard_that_skipped_items(stats_runs: Path) -> None:
+    """``-k`` narrows a shard; merging it would evaluate the skipped checks on nothing."""
+    run_pytest(
+        stats_runs,
+        *(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "1/2", "--inferlink-report", "k1"),
+        *("-k", "high_pass or min_clean_accuracy"),
+    )
+    narrowed, two = stats_runs / "k1" / "results.json", stats_runs / "p2" / "results.json"
+    assert read_results(narrowed).meta["shard"]["missing_items"][:2] == [
+        "max_lipschitz_upper_bound",
+        "fgsm_eps0.1-min_adversarial_accuracy",
+    ]
+    with pytest.raises(
+        ShardError,
+        match=r"cannot merge: .*k1/results.json \(shard 1/2\) did not run 7 of its items "
+        r"\(max_lipschitz_upper_bound, fgsm_eps0.1-min_adversarial_accuracy, .*deselected by -k",
+    ):
+        merge_shards([(narrowed, read_results(narrowed)), (two, read_results(two))])
+
+
+def test_merge_refuses_a_check_whose_sweeps_no_shard_holds(
+    stats_runs: Path, tmp_path: Path
+) -> None:
+    """As when a shard's items failed before their sweeps were measured."""
+    data = json.loads((stats_runs / "c2" / "results.json").read_text())
+    model = data["models"][0]
+    group = data["meta"]["shard"]["sweeps"][0]
+    kept = [i for i, s in enumerate(model["sweeps"]) if [s["filter"], s["attack"]] != group]
+    model["sweeps"] = [model["sweeps"][i] for i in kept]
+    data["meta"]["shard"]["outcomes"] = [data["meta"]["shard"]["outcomes"][i] for i in kept]
+    two = tmp_path / "failed.json"
+    two.write_text(json.dumps(data))
+    one = stats_runs / "c1" / "results.json"
+    with pytest.raises(
+        ShardError,
+        match=rf"shard 2/2 holds no sweeps of {group[0]} under {group[1]} for digits-small, "
+        rf"which check {group[0]}-{group[1]}-max_fragile_fraction reads",
+    ):
+        merge_shards([(one, read_results(one)), (two, read_results(two))])

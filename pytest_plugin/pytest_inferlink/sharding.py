@@ -53,11 +53,21 @@ def _by_model(result: AuditResult, paths: Sequence[str]) -> AuditResult:
     return replace(result, models=models, consistency=None)  # merge computes it on all sweeps
 
 
+def _not_run(spec: AuditSpec, shard: Shard, ran: set[str]) -> list[str]:
+    """The items of the spec's share that no payload came from (``-k``, ``--lf``, a plugin)."""
+    from inferlink_audit.checks import plan_checks
+    from inferlink_audit.shards import in_shard, shard_of_spec
+
+    keys = shard_of_spec(spec, shard)
+    return [p.id for p in plan_checks(spec) if in_shard(p, keys, shard) and p.id not in ran]
+
+
 def shard_files(
     payloads: list[dict[str, Any]], shard: Shard, report_dir: Path, *, seconds: float
 ) -> list[ShardFile]:
     """One shard file per audited spec (a spec that compares: with the compared models), in
-    ``report_dir`` when the run has one, else in ``report_dir/<spec name>/``."""
+    ``report_dir`` when the run has one, else in ``report_dir/<spec name>/``. A shard that
+    did not run all of its items says which (``missing_items``), and merge refuses it."""
     from inferlink_audit.shards import shard_note, shard_record
     from inferlink_audit.spec_loader import load_spec
 
@@ -70,20 +80,24 @@ def shard_files(
     files = []
     for paths in units:
         result = assemble_result([p for path in paths for p in by_path[path]], seconds=seconds)
-        if result is None:
-            continue  # no model loaded: the items' errors say why
+        if result is None or not any(m.spec_path == paths[0] for m in result.models):
+            continue  # the spec's model never loaded: its items' errors say why
         result = _by_model(result, paths)
-        parts = [(specs[m.spec_path], m, members[m.spec_path]) for m in result.models]
-        transfer = next((p["transfer"] for p in by_path[paths[0]] if p.get("transfer")), None)
+        held = [m.spec_path for m in result.models]
         root = specs[paths[0]]
+        transfer = next((p["transfer"] for p in by_path[paths[0]] if p.get("transfer")), None)
         record = shard_record(
-            shard, parts, transfer=transfer if root.compare and shard.index == 1 else None
+            shard,
+            [(specs[path], m, members[path]) for path, m in zip(held, result.models, strict=True)],
+            transfer=transfer if root.compare and shard.index == 1 else None,
         )
+        notes = {}
+        for path, part in zip(held, [record, *record.get("peers", [])], strict=True):
+            missing = _not_run(specs[path], shard, {p["check_id"] for p in by_path[path]})
+            if missing:
+                part["missing_items"] = missing
+            notes[path] = shard_note(shard, len(part["sweeps"]), len(part["all_sweeps"]))
         result = replace(result, meta={**result.meta, "shard": record})
         folder = report_dir if len(units) == 1 else report_dir / root.name
-        total = len(record["all_sweeps"])
-        notes = {paths[0]: shard_note(shard, len(record["sweeps"]), total)}
-        for path, peer in zip(paths[1:], record.get("peers", []), strict=True):
-            notes[path] = shard_note(shard, len(peer["sweeps"]), len(peer["all_sweeps"]))
         files.append(ShardFile(folder / "results.json", result, notes))
     return files
