@@ -351,6 +351,8 @@ class Evaluator:
             return None
         if self.data.x.device.type not in self.batching_devices:
             return None
+        if any(isinstance(m, nn.RNNBase) for m in prefix.suffix.modules()):
+            return None  # vmap has no batching rule for LSTM/GRU/RNN (aten::lstm, _cudnn_rnn)
         by_identity = {id(p): name for name, p in prefix.suffix.named_parameters()}
         names = [by_identity.get(id(t)) for t in tensors]
         if any(name is None for name in names):

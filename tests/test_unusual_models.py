@@ -33,6 +33,7 @@ from inferlink_audit.audit import AuditSession
 from inferlink_audit.devices import deterministic_settings
 from inferlink_audit.errors import ModelLoadError
 from inferlink_audit.spec_loader import load_spec
+from inferlink_audit.sweep import Evaluator
 
 from .naive_reference import naive_sweep, thresholds, zeroed
 
@@ -105,6 +106,7 @@ LSTM = {"types": ["LSTM", "Linear"], "parameters": ["weight", "weight_hh_l0"]}
 # Each case: factory, input shape, settings that vary the engine's path, and the layer selection.
 CASES: dict[str, tuple[str, tuple[int, ...], dict[str, Any], dict[str, Any] | None]] = {
     "mobilenet_v3": ("mobilenet_v3", (3, 8, 8), {}, None),
+    "mobilenet_v3_fast_original": ("mobilenet_v3", (3, 8, 8), {"fast": True, **ORIGINAL}, None),
     "convnext_original_magnitude": (
         "convnext",
         (3, 8, 8),
@@ -234,8 +236,13 @@ def _session(tmp_path: Path, case: str) -> AuditSession:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_curve_of_an_unusual_architecture_equals_a_naive_evaluation(tmp_path, case):
+def test_every_curve_of_an_unusual_architecture_equals_a_naive_evaluation(
+    tmp_path, monkeypatch, case
+):
     _, _, settings, _ = CASES[case]
+    # filtering.fast batches variants with vmap on CUDA and XLA only; here on the CPU too, so
+    # its path is checked (an LSTM in the suffix has no batching rule: evaluated in turn).
+    monkeypatch.setattr(Evaluator, "batching_devices", ("cpu", "cuda", "xla"))
     session = _session(tmp_path, case)
     model = session.prepared.loaded.module
     x, y = session.prepared.data.x, session.prepared.data.y
