@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="output folder (default: the spec's report.dir)"
     )
     run.add_argument(
-        "--device", default=None, help="override the spec's device (auto, cpu, cuda:N, xla)"
+        "--device",
+        default=None,
+        help="override the spec's device (auto, cpu, cuda, cuda:N, xla, mps)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     run.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
@@ -69,8 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         help="write a starter spec; with a model, checkpoint and data, fill the layers and "
         "estimate the cost",
     )
-    init.add_argument("path", type=Path, nargs="?", default=Path("audit.yaml"))
-    init.add_argument("--name", default="my-model")
+    init.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        default=Path("audit.yaml"),
+        help="the spec to write (default: audit.yaml)",
+    )
+    init.add_argument("--name", default="my-model", help="the spec's name (default: my-model)")
     init.add_argument(
         "--factory",
         help='module.path:Name, file.py:Name (next to the spec), "torchvision: resnet18" or '
@@ -87,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         "NAME:ROOT (CIFAR10:~/datasets)",
     )
     init.add_argument(
-        "--input-range", nargs=2, type=float, metavar=("LO", "HI"), default=(0.0, 1.0)
+        "--input-range",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        default=(0.0, 1.0),
+        help="the inputs' box, before normalisation; attacks' eps is in its units (default 0 1)",
     )
     init.add_argument(
         "--normalize",

@@ -469,12 +469,17 @@ def test_the_readme_layout_names_every_library_module():
 
 
 # Options the docs give to other tools.
-OTHER_TOOLS_OPTIONS = {"--junitxml", "--no-deps", "--nproc-per-node", "--schemafile"}
+OTHER_TOOLS_OPTIONS = {
+    "--junitxml",  # pytest's other spelling of --junit-xml (its --help shows one)
+    "--no-deps",  # pip
+    "--nproc-per-node",  # torchrun
+    "--schemafile",  # check-jsonschema
+}
 
 
 def test_every_option_the_docs_name_exists():
-    """Each ``--option`` on a user page is one of the command line's, the pytest plugin's,
-    digits32.py's (the tutorial's), a benchmark's or another tool's listed above."""
+    """Each ``--option`` on a user page is one of the command line's, pytest's (the plugin's
+    included), digits32.py's (the tutorial's), a benchmark's or another tool's listed above."""
     from inferlink_audit.cli import _parser
 
     parser = _parser()
@@ -483,8 +488,8 @@ def test_every_option_the_docs_name_exists():
         known.update(action.option_strings)
         for sub in getattr(action, "choices", None) or {}:
             known.update(o for a in action.choices[sub]._actions for o in a.option_strings)
-    plugin = (ROOT / "pytest_plugin" / "pytest_inferlink" / "plugin.py").read_text()
-    known.update(re.findall(r'"(--inferlink-[a-z-]+)"', plugin))
+    pytest_help = shell("pytest --help", ROOT)  # pytest's own options and the plugin's
+    known.update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", pytest_help.stdout))
     for script in [EXAMPLES / "digits32.py", *(ROOT / "benchmarks").glob("*.py")]:
         known.update(re.findall(r'add_argument\(\s*"(--[a-z-]+)"', script.read_text()))
     named = {
@@ -501,3 +506,17 @@ def test_the_readme_names_every_attack_failure_indicator_with_its_limit():
     section = readme_prose().split("**Attack-failure indicators**", 1)[1].split("The report's")[0]
     quoted = re.findall(r"`(\w+)` \([^`]*?(?:limit |≤ )([\d.]+)[):]", section)
     assert {name: float(limit) for name, limit in quoted} == SANITY_LIMITS
+
+
+def test_every_command_line_argument_says_what_it_is_in_help():
+    """``inferlink-audit <command> --help`` is documentation too: no bare argument names."""
+    from inferlink_audit.cli import _parser
+
+    commands = next(a for a in _parser()._actions if a.choices).choices
+    bare = [
+        f"{name} {action.dest}"
+        for name, command in commands.items()
+        for action in command._actions
+        if not action.help
+    ]
+    assert bare == []
