@@ -364,12 +364,17 @@ def _random_modules(module: nn.Module, x: torch.Tensor) -> list[str]:
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules()]
+    handles = []
     try:
+        for n, m in module.named_modules():
+            if not isinstance(m, torch.jit.ScriptModule):  # scripted modules take no hooks
+                handles.append(m.register_forward_hook(hook(n)))
         with torch.no_grad():
             module(x)
             run = 1
             module(x)
+    except Exception:  # naming the module is a courtesy: the refusal stands without it
+        return []
     finally:
         for handle in handles:
             handle.remove()
