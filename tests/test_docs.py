@@ -520,3 +520,32 @@ def test_every_command_line_argument_says_what_it_is_in_help():
         if not action.help
     ]
     assert bare == []
+
+
+def test_the_versions_the_readme_quotes_are_the_pinned_and_declared_ones():
+    import tomllib
+
+    prose = readme_prose()
+
+    def pins(name: str) -> dict[str, str]:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        return dict(re.findall(r"^([\w-]+)=+([\w.+]+)", text, re.M))
+
+    tested = re.search(r"`constraints\.txt` \(torch ([\d.]+), torchvision ([\d.]+)", prose)
+    oldest = re.search(r"oldest torch declared: ([\d.]+), torchvision ([\d.]+)", prose)
+    xla = re.search(r"torch_xla ([\d.]+) needs torch ([\d.]+)", prose)
+    assert tested and oldest and xla
+    assert tested.groups() == (
+        pins("constraints.txt")["torch"],
+        pins("constraints.txt")["torchvision"],
+    )
+    old = pins("constraints-oldest.txt")
+    assert oldest.groups() == (old["torch"], old["torchvision"])
+    assert xla.groups() == (
+        pins("constraints-xla.txt")["torch_xla"],
+        pins("constraints-xla.txt")["torch"],
+    )
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in ("torch", "torchvision"):
+        requirement = f"{name}>={'.'.join(old[name].split('.')[:2])}"  # 2.13.0: torch>=2.13
+        assert requirement in declared and f"`{requirement}`" in prose
