@@ -207,15 +207,13 @@ def refuse_unsplittable(spec: AuditSpec, option: str = "--shard") -> None:
         reasons.append(
             (("remediation",), "selective retraining needs every sweep's labels at once")
         )
-    for key, why in reasons:
-        raise ShardError(
-            locate_message(
-                spec,
-                key,
-                f"cannot run in shards ({why}); run this spec without {option}, or remove "
-                f"'{'.'.join(key)}' for the sharded run.",
-            )
+    if reasons:
+        key, why = reasons[0]
+        message = (
+            f"cannot run in shards ({why}); run this spec without {option}, or remove "
+            f"'{'.'.join(key)}' for the sharded run."
         )
+        raise ShardError(locate_message(spec, key, message))
     for peer in spec.compare:
         refuse_unsplittable(load_spec(peer), option)
 
@@ -301,13 +299,14 @@ def _shard_model(session: AuditSession, shard: Shard) -> ModelResult:
     planned = [x for x in plan_checks(spec) if is_check(x)]
     checks = [session.evaluate(x) for x in planned if in_shard(x, keys, shard)]
     first = shard.index == 1
-    attacks = [session.with_interval(session.attack_result(a.id)) for a in spec.attack_points]
     return ModelResult(
         name=spec.name,
         checkpoint_sha256=p.loaded.checkpoint_sha256,
         n_examples=p.data.n,
         clean_accuracy=session.clean_accuracy(),
-        attacks=attacks if first else [],
+        attacks=[session.with_interval(session.attack_result(a.id)) for a in spec.attack_points]
+        if first
+        else [],
         sweeps=[s for f, a in keys for s in session.sweeps(f, a)],
         lipschitz=session.lipschitz if first else None,
         remediation=None,
