@@ -486,6 +486,7 @@ def test_sharded_statistics_merged_equal_a_serial_run_interval_for_interval(
 
 def test_a_pytest_shard_says_it_is_a_shard_not_the_audits_verdict(stats_runs: Path) -> None:
     output = (stats_runs / "p1.out").read_text()
+    assert f"inferlink-audit: 1 spec, shard 1/2, results: {stats_runs / 'p1'} (" in output
     assert re.search(
         r"digits-small \(audit.yaml\): shard 1/2: 2 of 4 sweep groups and the model-wide "
         r"checks: 8 passed, 0 failed",

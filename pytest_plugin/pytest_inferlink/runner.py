@@ -86,6 +86,9 @@ class AuditPlugin:
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         where = "no disk cache" if getattr(config, "cache", None) is None else "sweeps cached"
         count = f"{len(self.specs)} spec{'s' if len(self.specs) != 1 else ''}"
+        if self.shard is not None:  # a shard writes its results for merge, no report
+            head = f"inferlink-audit: {count}, shard {self.shard}"
+            return [f"{head}, results: {self.report_dir} ({where})"]
         return [f"inferlink-audit: {count}, report: {self.report_dir} ({where})"]
 
     # ----------------------------------------------------------------- collection
