@@ -211,6 +211,15 @@ def _count_outputs(module: nn.Module, probe: torch.Tensor, spec: ModelSpec, sour
             "forward() returns only the logits.",
             key=FACTORY_KEY,
         )
+    if out.shape[1] == 1:
+        raise ModelLoadError(
+            f"model.factory {spec.factory!r}: on an input of shape {shape} the model returned "
+            f"logits of shape {tuple(out.shape)}, one score per example: the predicted class "
+            "(the argmax) would always be 0, so every accuracy would only count the labels 0 "
+            "and no attack could change it. Wrap a single-logit binary classifier so that "
+            "forward() returns two logits, e.g. torch.cat([-z, z], dim=1) or [0, z].",
+            key=FACTORY_KEY,
+        )
     if out.shape[1] == 0:
         raise ModelLoadError(
             f"model.factory {spec.factory!r}: on an input of shape {shape} the model returned "

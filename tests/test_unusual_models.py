@@ -453,3 +453,36 @@ def test_a_cuda_audit_runs_fp32_convolutions_in_ieee_not_tf32():
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+class SingleLogit(nn.Module):
+    """A binary classifier with one score per example (a sigmoid's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_a_single_logit_classifier_is_refused_not_perfect(tmp_path):
+    """With one output the argmax is always 0: on labels that can only be 0 (the labels are
+    checked against the outputs) every accuracy read 1.0 and every gate passed."""
+    torch.manual_seed(0)
+    torch.save(SingleLogit().state_dict(), tmp_path / "model.pt")
+    torch.save(
+        {"x": torch.rand(16, 3, 8, 8), "y": torch.zeros(16, dtype=torch.long)}, tmp_path / "test.pt"
+    )
+    spec = {
+        "version": 1,
+        "name": "single",
+        "model": {"factory": "tests.test_unusual_models:SingleLogit", "checkpoint": "model.pt"},
+        "data": {"source": "tensors", "path": "test.pt"},
+        "device": "cpu",
+    }
+    (tmp_path / "audit.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    session = AuditSession(load_spec(tmp_path / "audit.yaml"))
+    with pytest.raises(ModelLoadError, match="returns two logits") as info:
+        session.clean_accuracy()
+    assert info.value.key == "model.factory"
