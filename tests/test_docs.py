@@ -504,7 +504,7 @@ def test_the_readme_names_every_attack_failure_indicator_with_its_limit():
     from inferlink_audit.checks import SANITY_LIMITS
 
     section = readme_prose().split("**Attack-failure indicators**", 1)[1].split("The report's")[0]
-    quoted = re.findall(r"`(\w+)` \([^`]*?(?:limit |≤ )([\d.]+)[):]", section)
+    quoted = re.findall(r"`(\w+)` \([^`]*?(?:limit |≤ )([\d.]+)[):;]", section)
     assert {name: float(limit) for name, limit in quoted} == SANITY_LIMITS
 
 
@@ -549,3 +549,12 @@ def test_the_versions_the_readme_quotes_are_the_pinned_and_declared_ones():
     for name in ("torch", "torchvision"):
         requirement = f"{name}>={'.'.join(old[name].split('.')[:2])}"  # 2.13.0: torch>=2.13
         assert requirement in declared and f"`{requirement}`" in prose
+
+
+def test_a_make_user_is_told_to_activate_the_environment_the_commands_run_in():
+    """After ``make demo``, ``inferlink-audit``, ``pytest`` and ``python`` are the installed
+    ones only inside the Makefile's virtual environment: both pages say how to enter it."""
+    venv = re.search(r"^VENV\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+    assert venv is not None
+    for page in (README, TUTORIAL):
+        assert f"`. {venv.group(1)}/bin/activate`" in page.read_text(encoding="utf-8"), page
