@@ -156,7 +156,7 @@ def test_a_shard_of_a_spec_that_cannot_be_split_is_refused_naming_the_key(
     assert "run this spec without --shard" in err
     # The plugin refuses it before any item runs, naming its own option.
     write_spec(pytester.path, **UNSPLITTABLE[key])
-    result = pytester.runpytest_subprocess(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "2/2")
+    result = pytester.runpytest(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "2/2")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         [f"*audit.yaml:*: {key}: cannot run in shards*without {OPTION_SHARD}*"]
@@ -520,7 +520,7 @@ def test_each_spec_of_a_pytest_run_is_split_by_its_own_plan(pytester: pytest.Pyt
     )
     specs = {p: load_spec(pytester.path / p) for p in ("audit.yaml", one.name)}
     for i in (1, 2):
-        result = pytester.runpytest_subprocess(
+        result = pytester.runpytest(
             OPTION_AUDIT, "audit.yaml", OPTION_AUDIT, one.name, OPTION_SHARD, f"{i}/2", "--co", "-q"
         )
         nodes = [line for line in result.outlines if "::" in line]
@@ -539,7 +539,7 @@ def test_each_spec_of_a_pytest_run_is_split_by_its_own_plan(pytester: pytest.Pyt
         ("low_pass", "fgsm_eps0.1"),
         ("low_pass", "gaussian_sigma0.1"),
     ]
-    result = pytester.runpytest_subprocess(
+    result = pytester.runpytest(
         OPTION_AUDIT,
         "audit.yaml",
         OPTION_AUDIT,
@@ -583,9 +583,7 @@ def test_a_compare_spec_sharded_and_merged_equals_a_serial_run(pytester: pytest.
         args = ["run", str(spec), "--out", str(folder / f"c{i}"), "--shard", f"{i}/2"]
         assert main([*args, "--quiet"]) == 0
         report = ("--inferlink-report", f"p{i}", "-p", "no:cacheprovider")
-        result = pytester.runpytest_subprocess(
-            OPTION_AUDIT, "audit.yaml", OPTION_SHARD, f"{i}/2", *report
-        )
+        result = pytester.runpytest(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, f"{i}/2", *report)
         assert result.ret == 0
     serial = json.loads((folder / "serial" / "results.json").read_text())
     assert serial["consistency"]["transfer"] and serial["consistency"]["layers"]
@@ -639,3 +637,18 @@ def test_merge_refuses_a_check_whose_sweeps_no_shard_holds(
         rf"which check {group[0]}-{group[1]}-max_fragile_fraction reads",
     ):
         merge_shards([(one, read_results(one)), (two, read_results(two))])
+
+
+def test_a_pytest_shard_under_xdist_writes_the_same_shard_file(stats_runs: Path) -> None:
+    """The controller builds the shard file from the workers' items (outcomes and scope
+    members travel in their payloads): the same file as a plain run's."""
+    run_pytest(
+        stats_runs,
+        *(OPTION_AUDIT, "audit.yaml", OPTION_SHARD, "1/2", "--inferlink-report", "x1", "-n", "2"),
+    )
+    plain = json.loads((stats_runs / "p1" / "results.json").read_text())
+    xdist = json.loads((stats_runs / "x1" / "results.json").read_text())
+    assert xdist["meta"]["shard"] == plain["meta"]["shard"]
+    assert json.dumps(xdist["models"], sort_keys=True) == json.dumps(
+        plain["models"], sort_keys=True
+    )
