@@ -558,3 +558,17 @@ def test_a_make_user_is_told_to_activate_the_environment_the_commands_run_in():
     assert venv is not None
     for page in (README, TUTORIAL):
         assert f"`. {venv.group(1)}/bin/activate`" in page.read_text(encoding="utf-8"), page
+
+
+def test_every_report_section_a_page_names_is_a_heading_of_the_report():
+    headings = set()
+    for template in (ROOT / "templates").glob("*.j2"):
+        found = re.findall(r"<h[23][^>]*>([^<{]+)", template.read_text(encoding="utf-8"))
+        headings.update(h.strip() for h in found)
+    named = {
+        name
+        for page in user_pages()
+        for name in re.findall(r"\*([^*]+)\* (?:section|table)", " ".join(page.read_text().split()))
+    }
+    assert named, "no report section named: the pattern no longer matches the pages"
+    assert named - headings == set()
