@@ -572,3 +572,26 @@ def test_every_report_section_a_page_names_is_a_heading_of_the_report():
     }
     assert named, "no report section named: the pattern no longer matches the pages"
     assert named - headings == set()
+
+
+def test_every_snake_case_name_a_page_quotes_exists_in_the_code():
+    """A key, field, check or function name quoted on a user page (``examples_count``,
+    ``prefix_cache_mb``, ``stopped_early``) is a name in the package, the plugin or the
+    report's templates: renaming one there without the docs fails here."""
+    import torchvision
+
+    source = " ".join(
+        path.read_text(encoding="utf-8")
+        for folder in ("inferlink_audit", "pytest_plugin", "templates")
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in (".py", ".j2")
+    )
+    known = set(re.findall(r"\w+", source)) | set(dir(torchvision.models))
+    unknown = [
+        f"{page.name}: {name}"
+        for page in user_pages()
+        for quoted in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8"))
+        for name in re.findall(r"(?<![\w./-])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?![\w/.-])", quoted)
+        if name not in known
+    ]
+    assert unknown == []
