@@ -243,7 +243,10 @@ def check_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, num_outputs
     from .devices import is_out_of_memory
 
     shape = tuple(x.shape)
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    # The persistent buffers, as the audit's restore check sees them (a non-persistent cache
+    # refilled per input shape is not state; one that moves the logits fails repeatability).
+    persistent = module.state_dict().keys()
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers() if n in persistent}
     leaf = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         try:
