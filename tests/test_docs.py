@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from inferlink_audit.audit import AuditSession, run_audit
+from inferlink_audit.devices import bf16_unsupported_reason
 from inferlink_audit.spec import AuditSpec
 from inferlink_audit.spec_loader import load_spec, parse_spec
 
@@ -595,3 +596,30 @@ def test_every_snake_case_name_a_page_quotes_exists_in_the_code():
         if name not in known
     ]
     assert unknown == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    bf16_unsupported_reason(torch.device("cpu")) is not None,
+    reason="this CPU has no native bf16 (AMX or AVX-512 BF16)",
+)
+def test_the_bf16_calibration_method_md_quotes_is_the_digits_examples():
+    """§10's numbers on digits: the sampled variants, their largest difference, the margin d
+    and the sweeps confirmed (the labels against exact fp32 are tests/test_precision.py's)."""
+    quoted = re.search(
+        r"On the digits example \(360 images, all three filters, 25 thresholds\) the (\d+) "
+        r"sampled variants differed by at most (\d+)/360, so d = (\d+)/360;.*? (\d+) of (\d+) "
+        r"sweeps were confirmed",
+        " ".join((ROOT / "docs" / "method.md").read_text(encoding="utf-8").split()),
+    )
+    assert quoted is not None
+    variants, largest, margin, confirmed, sweeps = (int(n) for n in quoted.groups())
+    spec = digits_spec("statistics:", "compute: {precision: bf16}\nstatistics:")
+    result, _, _ = run_audit(spec, device="cpu")
+    compute = result.models[0].compute
+    assert compute is not None
+    calibration = compute["calibration"]
+    assert calibration["variants"] == variants
+    assert round(360 * calibration["max_abs_accuracy_difference"]) == largest
+    assert round(360 * calibration["accuracy_margin"]) == margin
+    assert (compute["confirmed"], len(compute["sweeps"])) == (confirmed, sweeps)
