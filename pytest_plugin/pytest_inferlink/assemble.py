@@ -216,6 +216,7 @@ class ItemRun:
     from_cache: bool  # the item read a sweep group from the disk cache
     session_id: str
     seq: int
+    sharded: bool = False  # a CI shard: sweeps carry the outcomes merge recomputes intervals from
 
     def _attacks(self) -> list[dict[str, Any]]:
         """The item's attack on the unfiltered network, with every point of its ε list: cheap
@@ -246,9 +247,9 @@ class ItemRun:
         if planned.attack is None or planned.filter is None:
             return []
         sweeps = session.sweeps(planned.filter, planned.attack)
-        if self.spec.statistics is None:
+        if self.spec.statistics is None or not self.sharded:
             return [sweep_to_dict(s) for s in sweeps]
-        # With their outcomes: a CI shard's merge recomputes the intervals from them.
+        # With their outcomes: the shards' merge recomputes the intervals from them.
         return [
             {**sweep_to_dict(s), "outcomes": None if s.outcomes is None else s.outcomes.to_json()}
             for s in sweeps

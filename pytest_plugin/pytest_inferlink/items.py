@@ -120,6 +120,7 @@ class CheckItem(pytest.Item):
                     from_cache=cache is not None and cache.hits > hits_before,
                     session_id=f"{os.getpid()}:{spec_file.spec_index}",
                     seq=plugin.next_seq(),
+                    sharded=plugin.shard is not None,
                 ).payload()
         self.user_properties.extend(check_properties(self.planned, result, session))
         if not result.passed:

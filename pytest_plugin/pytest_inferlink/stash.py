@@ -14,6 +14,7 @@ import pytest
 
 if TYPE_CHECKING:
     from inferlink_audit.audit import AuditSession
+    from inferlink_audit.shards import Shard
     from inferlink_audit.spec import AuditSpec
 
 __all__ = ["PAYLOAD_KEY", "PLUGIN_KEY", "SESSIONS_KEY", "AuditHost"]
@@ -21,6 +22,9 @@ __all__ = ["PAYLOAD_KEY", "PLUGIN_KEY", "SESSIONS_KEY", "AuditHost"]
 
 class AuditHost(Protocol):
     """The registered plugin object, as the spec files and their items see it."""
+
+    # ``--inferlink-shard``: items then carry what a merge needs (per-example outcomes).
+    shard: Shard | None
 
     def is_spec(self, path: Path) -> bool:
         """Whether ``path`` is one of the configured audit specs."""
