@@ -18,14 +18,18 @@ thread the same audit with conv1 added took 134 s of sweeps; run it on an otherw
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_decide.py
 
 ``--quick`` is a smoke test of seconds (a narrow ResNet, 64 examples, 5 thresholds).
+``--examples``/``--thresholds`` shrink the full size; with ``--prefix-cache-mb`` scaled by the
+same factor as the examples (512 at 256 examples), the same local sweeps keep their prefix
+cache as at full size, which is what the peak memory mostly depends on: each mode prints how
+many local sweeps held one, per precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
-import sys
 import tempfile
 import threading
 import time
@@ -40,8 +44,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from inferlink_audit.audit import run_audit
+from inferlink_audit.audit import AuditSession, run_audit
 from inferlink_audit.devices import bf16_unsupported_reason
+from inferlink_audit.prefix import release_freed_memory
 from inferlink_audit.results import AuditResult
 from inferlink_audit.spec_loader import load_spec
 
@@ -171,8 +176,11 @@ def pick_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return eps
 
 
-def write_workload(folder: Path, size: Size, seed: int = 0) -> dict[str, Path]:
-    """The model file, its trained checkpoint, the test tensors and one spec per mode."""
+def write_workload(
+    folder: Path, size: Size, seed: int = 0, prefix_cache_mb: int | None = None
+) -> dict[str, Path]:
+    """The model file, its trained checkpoint, the test tensors and one spec per mode
+    (``prefix_cache_mb``: filtering.prefix_cache_mb, default the spec's)."""
     (folder / "models.py").write_text(MODELS_PY)
     namespace: dict[str, Any] = {}
     exec(compile(MODELS_PY, str(folder / "models.py"), "exec"), namespace)
@@ -211,7 +219,8 @@ def write_workload(folder: Path, size: Size, seed: int = 0) -> dict[str, Path]:
             "filters": ["low_pass", "high_pass"],
             "thresholds": size.thresholds,
             "layers": {"include": LAYERS},
-        },
+        }
+        | ({} if prefix_cache_mb is None else {"prefix_cache_mb": prefix_cache_mb}),
         "attacks": [{"fgsm": {"eps": eps}}],
         "checks": {
             "min_clean_accuracy": 0.8,
@@ -274,17 +283,35 @@ class ModeRun:
     sweep_seconds: float
     peak_mib: float
     result: AuditResult
+    prefix_reuse: dict[str, int]  # per precision, local sweeps that reused a cached prefix
+
+
+def prefix_reuse(session: AuditSession) -> dict[str, int]:
+    """Per precision, the local sweeps whose prefix cache fitted filtering.prefix_cache_mb (the
+    peak memory depends on it: a bf16 cache is half an fp32 one, so more of them fit)."""
+    # The session's evaluators: the whole test set's and, under sequential, each round's.
+    tables = [session._evaluators, *(e for e, _ in session._round_states.values())]
+    hits: dict[str, int] = {}
+    for table in tables:
+        for evaluator, _ in table.values():
+            hits[evaluator.precision] = hits.get(evaluator.precision, 0) + evaluator.prefix_hits
+    return hits
 
 
 def run_mode(mode: str, spec: Path) -> ModeRun:
+    # Each mode's peak starts from the memory in use, not from pages the C library kept
+    # resident after the previous mode freed them.
+    gc.collect()
+    release_freed_memory()
     memory = PeakRss()
     with memory.watch():
         t0 = time.perf_counter()
-        result, _, _ = run_audit(load_spec(spec))
+        result, _, session = run_audit(load_spec(spec))
         seconds = time.perf_counter() - t0
     timings = result.meta["timings"]
     sweeps = sum(v for k, v in timings.items() if k.startswith("sweep "))
-    return ModeRun(mode, seconds, sweeps, memory.peak / (1 << 20), result)
+    reuse = prefix_reuse(session)
+    return ModeRun(mode, seconds, sweeps, memory.peak / (1 << 20), result, reuse)
 
 
 def decisions(result: AuditResult) -> dict[str, tuple[Any, bool]]:
@@ -322,6 +349,9 @@ def report(runs: list[ModeRun]) -> int:
             f"{run.mode:26s} {run.seconds:9.1f} {run.sweep_seconds:9.1f} {run.peak_mib:9.0f} "
             f"{exact.seconds / run.seconds:7.2f}x"
         )
+    for run in runs:
+        reuse = ", ".join(f"{n} in {p}" for p, n in sorted(run.prefix_reuse.items()))
+        print(f"{run.mode}: local sweeps with a cached prefix: {reuse}")
     counted = 0
     for run in runs[1:]:
         compute = run.result.models[0].compute or {}
@@ -360,6 +390,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, help="test examples (default 1024)")
     parser.add_argument("--thresholds", type=int, help="thresholds per sweep (default 13)")
     parser.add_argument("--workdir", type=Path, help="keep the workload here (default: temp)")
+    parser.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        help="filtering.prefix_cache_mb (default 2048; scale it with --examples to keep the "
+        "full size's choice of cached prefixes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -387,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.workdir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        specs = write_workload(folder, size)
+        specs = write_workload(folder, size, prefix_cache_mb=args.prefix_cache_mb)
         runs = []
         for mode in MODES:
             runs.append(run_mode(mode, specs[mode]))
@@ -402,4 +438,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -28,10 +28,12 @@ Two things decide where the cut may go:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import inspect
 import logging
 import operator
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -449,6 +451,31 @@ class NetworkSplitter:
             )
             return None
         return SplitNetwork(prefix, suffix, tuple(n.name for n in live), self.preprocess)
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed memory back to the operating system where the C library keeps
+    them (glibc's ``malloc_trim``; elsewhere nothing happens).
+
+    A prefix cache is freed when its scope ends, but glibc serves tensors below its mmap
+    threshold (which rises to 32 MiB as large tensors are freed) from its heap and keeps those
+    pages resident after ``free``: without this, the process stays at the size of its largest
+    cache for the rest of the audit. Under bf16 nearly every activation is below it (a
+    ResNet-18's first stage at 128 images is 16 MiB in bf16 and 32 MiB, mmapped, in fp32).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # a C library without it (musl)
+        return None
 
 
 def live_bytes(values: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> int:
