@@ -354,6 +354,16 @@ def test_sequential_stopping_keeps_the_coverage_that_the_uncorrected_rule_loses(
     assert uncorrected <= covered - 0.10
     clear, stopped = _coverage(_drop_for(-0.3), corrected)
     assert clear >= 0.90 and stopped >= 0.9
+    # docs/method.md §8 quotes these seeded runs: the page says what the simulation gives.
+    method = " ".join((Path(__file__).parents[1] / "docs" / "method.md").read_text().split())
+    quoted = re.search(
+        r"covers the truth in (\d+) % of test sets .*? against (\d+) % when every look .*? "
+        r"stops early in every test set and is covered in (\d+) %",
+        method,
+    )
+    assert quoted is not None
+    measured = (round(100 * covered), round(100 * uncorrected), round(100 * clear))
+    assert measured == tuple(int(n) for n in quoted.groups()) and stopped == 1.0
 
 
 def test_a_reopened_sweep_is_looked_at_again_and_goes_on_only_while_undecided() -> None:
