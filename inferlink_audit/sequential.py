@@ -209,6 +209,12 @@ def run_in_rounds(
     if len(merged) == len(keys):
         status = settled([merged[key] for key in keys])
     candidates = set(keys if reopen is None else reopen)
+    # A key not reopened that stopped before the last round closed decided and stays so (the
+    # others' replaced rounds may change a check it reads, but it is not looked at again).
+    status = [
+        done or (k not in candidates and 0 < len(parts[k]) < plan.rounds)
+        for k, done in zip(keys, status, strict=True)
+    ]
     open_keys = [
         k
         for k, done in zip(keys, status, strict=True)

@@ -428,14 +428,20 @@ def test_a_sweep_that_closed_decided_stays_recorded_as_decided() -> None:
         # "a" is decided from round 2 on while "b" has under 3 rounds; "b" from round 4 on.
         return [a >= 2 * ROUND and b < 3 * ROUND, b >= 4 * ROUND]
 
-    swept = run_in_rounds(
-        ["a", "b"], plan, evaluate_round, lambda parts: merge_rounds(parts, plan, TAU), settled
-    )
+    def merge(parts: list[SweepResult]) -> SweepResult:
+        return merge_rounds(parts, plan, TAU)
+
+    parts: dict[Any, list[SweepResult]] = {}
+    swept = run_in_rounds(["a", "b"], plan, evaluate_round, merge, settled, parts)
     records = [s.sequential for s in swept]
     assert [(r.rounds, r.stopped_early, r.decided) for r in records if r] == [
         (2, True, True),
         (4, True, True),
     ]
+    # "b" reopened (its rounds confirmed in another precision): "a" is not looked at again and
+    # keeps its decision, though the check it reads now reads "b"'s 4 rounds.
+    again = run_in_rounds(["a", "b"], plan, evaluate_round, merge, settled, parts, reopen=["b"])
+    assert [s.sequential.decided for s in again if s.sequential] == [True, True]
 
 
 # --------------------------------------------------------------------------- spec errors
