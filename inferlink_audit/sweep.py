@@ -30,7 +30,7 @@ from .attacks import FGSM, Attack, AttackOutput
 from .devices import inference_mode, mark_step
 from .errors import IntegrityError
 from .filters import FilterName, SortedScope, pulse_half_width, threshold_grid
-from .prefix import NetworkSplitter, live_bytes, release_freed_memory
+from .prefix import NetworkSplitter, SplitNetwork, live_bytes, release_freed_memory
 
 if TYPE_CHECKING:
     from .distributed import Ranks
@@ -295,7 +295,7 @@ class Evaluator:
         if self.splitter is None or self.prefix_budget <= 0:
             return None
         split = self.splitter.split(layer, tensors)
-        if split is None:
+        if split is None or not self._reproduces(split):
             return None
         cache = _PrefixCache(split.suffix)
         count = StorageCount(self._owned_tensors())
@@ -325,6 +325,25 @@ class Evaluator:
             if count.add([leaf, *live, *saved]) * self.data.n > self.prefix_budget * done:
                 return None
         return cache
+
+    def _reproduces(self, split: SplitNetwork) -> bool:
+        """Whether prefix then suffix give the whole network's clean logits bit for bit on the
+        first batch. A trace records only tensor operations: what runs around them in forward()
+        (a ``torch.autocast`` block, Python-side state) is not in the graph, and such a split
+        would sweep another network; the scope then runs whole."""
+        first = next(self.data.batches(), None)
+        if first is None:  # an empty share (torchrun): nothing to reuse
+            return False
+        _, xb, _ = first
+        with inference_mode(xb.device):
+            logits = split.suffix(*split.prefix(xb))
+        reference = self.reference_logits[0]
+        return (
+            isinstance(logits, torch.Tensor)
+            and logits.shape == reference.shape
+            and logits.dtype == reference.dtype
+            and bool((logits == reference).all())
+        )
 
     def _owned_tensors(self) -> list[torch.Tensor]:
         """Tensors the process holds whether or not a prefix is cached: their storages are not

@@ -95,6 +95,19 @@ class Grouped(nn.Module):
         return self.fc(F.hardswish(self.gc(h)).flatten(1))
 
 
+class AutocastInside(nn.Module):
+    """``Grouped`` run under a ``torch.autocast`` block inside forward(): a trace records the
+    operations but not the block, so a prefix cut from it would compute in fp32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Grouped()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.body(x).float()
+
+
 ORIGINAL = {"adversarial_source": "original"}
 LAYER_SCALE = {"types": ["CNBlock", "LayerNorm"], "parameters": ["layer_scale", "weight"]}
 ATTENTION = {
@@ -126,6 +139,8 @@ CASES: dict[str, tuple[str, tuple[int, ...], dict[str, Any], dict[str, Any] | No
         LSTM,
     ),
     "grouped_pgd_original": ("Grouped", (3, 8, 8), {"attack": "pgd", **ORIGINAL}, None),
+    "autocast_inside_forward": ("AutocastInside", (3, 8, 8), {}, None),
+    "autocast_inside_forward_original": ("AutocastInside", (3, 8, 8), ORIGINAL, None),
 }
 
 
