@@ -92,6 +92,17 @@ class EvalData:
             yield index, xb, yb, attack(model, xb, yb, offset=self.offset(index))
 
 
+def _input_gradient(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor | None:
+    """∇ₓ of the summed cross-entropy of ``run`` at ``x`` (None where it does not reach x)."""
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(run(leaf), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+    return grad
+
+
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     return int((logits.argmax(dim=1) == y).sum().item())
 
@@ -338,12 +349,20 @@ class Evaluator:
         with inference_mode(xb.device):
             logits = split.suffix(*split.prefix(xb))
         reference = self.reference_logits[0]
-        return (
+        same = (
             isinstance(logits, torch.Tensor)
             and logits.shape == reference.shape
             and logits.dtype == reference.dtype
             and bool((logits == reference).all())
         )
+        if not same or self.fixed_adversarial is not None:
+            return same
+        # FGSM against each filtered network differentiates through the split: its input
+        # gradient must be the network's too (a torch.no_grad() block is not in a trace either).
+        _, xb, yb = first
+        whole = _input_gradient(self.model, xb, yb)
+        halves = _input_gradient(lambda x: split.suffix(*split.prefix(x)), xb, yb)
+        return whole is not None and halves is not None and torch.equal(whole, halves)
 
     def _owned_tensors(self) -> list[torch.Tensor]:
         """Tensors the process holds whether or not a prefix is cached: their storages are not

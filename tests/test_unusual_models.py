@@ -108,6 +108,24 @@ class AutocastInside(nn.Module):
             return self.body(x).float()
 
 
+class NoGradStem(nn.Module):
+    """A frozen stem under ``torch.no_grad()`` inside forward() and a differentiable skip of the
+    input: the trace keeps the stem's operations but not the block, so a split would let FGSM's
+    gradient flow through the stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h0 = torch.tanh(self.stem(x))
+        h = torch.tanh(self.conv(torch.cat([h0, 0.1 * x], 1)))
+        return self.fc(h.flatten(1))
+
+
 ORIGINAL = {"adversarial_source": "original"}
 LAYER_SCALE = {"types": ["CNBlock", "LayerNorm"], "parameters": ["layer_scale", "weight"]}
 ATTENTION = {
@@ -141,6 +159,7 @@ CASES: dict[str, tuple[str, tuple[int, ...], dict[str, Any], dict[str, Any] | No
     "grouped_pgd_original": ("Grouped", (3, 8, 8), {"attack": "pgd", **ORIGINAL}, None),
     "autocast_inside_forward": ("AutocastInside", (3, 8, 8), {}, None),
     "autocast_inside_forward_original": ("AutocastInside", (3, 8, 8), ORIGINAL, None),
+    "no_grad_inside_forward": ("NoGradStem", (3, 8, 8), {}, None),
 }
 
 
