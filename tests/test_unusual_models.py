@@ -126,7 +126,26 @@ class NoGradStem(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class SoftTokens(nn.Module):
+    """Soft one-hot tokens (N×4×6 probabilities) read through an Embedding's weight by a
+    product; the head, a Linear, shares that weight: one tensor, two module types."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(6, 6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 6)
+        self.head.weight = self.emb.weight
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], 4, 6) @ self.emb.weight
+        h = torch.tanh(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.out(torch.tanh(self.head(h.mean(1))))
+
+
 ORIGINAL = {"adversarial_source": "original"}
+TIED = {"types": ["Embedding", "Linear", "Conv1d"]}
 LAYER_SCALE = {"types": ["CNBlock", "LayerNorm"], "parameters": ["layer_scale", "weight"]}
 ATTENTION = {
     "types": ["MultiheadAttention", "Encoder"],
@@ -160,6 +179,8 @@ CASES: dict[str, tuple[str, tuple[int, ...], dict[str, Any], dict[str, Any] | No
     "autocast_inside_forward": ("AutocastInside", (3, 8, 8), {}, None),
     "autocast_inside_forward_original": ("AutocastInside", (3, 8, 8), ORIGINAL, None),
     "no_grad_inside_forward": ("NoGradStem", (3, 8, 8), {}, None),
+    "embedding_tied_to_linear": ("SoftTokens", (1, 4, 6), {}, TIED),
+    "embedding_tied_to_linear_magnitude": ("SoftTokens", (1, 4, 6), {"values": "magnitude"}, TIED),
 }
 
 
@@ -289,12 +310,13 @@ def test_every_curve_of_an_unusual_architecture_equals_a_naive_evaluation(
     assert [s.layer for s in sweeps] == [*(layer.name for layer in layers), None]
     assert any(len(set(s.clean_accuracy + s.adversarial_accuracy)) > 1 for s in sweeps)
     for sweep in sweeps:
-        names = [
-            f"model.{layer.name}.{tensor}"
+        held = {
+            id(t): f"model.{layer.name}.{name}"  # a tied tensor once, under its last holder
             for layer in layers
             if sweep.layer in (None, layer.name)
-            for tensor in layer.tensor_names
-        ]
+            for name, t in zip(layer.tensor_names, layer.parameters, strict=True)
+        }
+        names = list(held.values())
         if pgd:
             clean, adv, removed = _naive_pgd_sweep(model, names, "pulse", x, y, magnitude, original)
         else:
