@@ -308,9 +308,12 @@ _BATCH_TOLERANCE = 1e-2
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor, tolerance: float = _REPEAT_TOLERANCE) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return True
+    if not a.is_floating_point() or a.numel() == 0:
+        return not torch.equal(a, b)
     scale = max(1.0, float(a.abs().max()))
-    if a.is_floating_point():
-        tolerance = max(tolerance, 8 * torch.finfo(a.dtype).eps)
+    tolerance = max(tolerance, 8 * torch.finfo(a.dtype).eps)
     return bool((a.float() - b.float()).abs().max() > tolerance * scale)
 
 
@@ -390,17 +393,17 @@ def _random_modules(module: nn.Module, x: torch.Tensor) -> list[str]:
             module(x)
             run = 1
             module(x)
+        found: list[str] = []
+        for (name, in_a, out_a), (_, in_b, out_b) in zip(calls[0], calls[1], strict=False):
+            same_in = len(in_a) == len(in_b) and all(map(torch.equal, in_a, in_b))
+            same_out = len(out_a) == len(out_b) and not any(map(_differ, out_a, out_b))
+            if same_in and not same_out and name not in found:
+                found.append(name)
     except Exception:  # naming the module is a courtesy: the refusal stands without it
         return []
     finally:
         for handle in handles:
             handle.remove()
-    found: list[str] = []
-    for (name, in_a, out_a), (_, in_b, out_b) in zip(calls[0], calls[1], strict=False):
-        same_in = len(in_a) == len(in_b) and all(map(torch.equal, in_a, in_b))
-        same_out = len(out_a) == len(out_b) and not any(map(_differ, out_a, out_b))
-        if same_in and not same_out and name not in found:
-            found.append(name)
     innermost = [n for n in found if not any(o.startswith(f"{n}.") or (o and not n) for o in found)]
     return [_user_name(n) for n in innermost if n]
 
