@@ -681,7 +681,7 @@ class AuditSession:
                 if self.cache is not None and (self.ranks is None or self.ranks.rank == 0):
                     self.cache.put(self.cache_key(filter_name, attack_id), cached)
                     if bf16 and hasattr(self.cache, "put_record"):
-                        record = self._group_compute(filter_name, attack_id)
+                        record = self.group_compute_record(filter_name, attack_id)
                         self.cache.put_record(self.cache_key(filter_name, attack_id), record)
             self._sweeps[key] = self._with_statistics(key, cached)
         return self._sweeps[key]
@@ -921,7 +921,7 @@ class AuditSession:
         for s in sweeps:
             assert s.outcomes is not None
             m = s.outcomes.n
-            margin = SAFETY * max(calibration.max_delta, 1.0 / m)
+            margin = SAFETY * max(calibration.of_group(filter_name, attack_id).max_delta, 1.0 / m)
             reference = (
                 float(s.outcomes.unpacked(s.outcomes.unfiltered_clean).sum()) / m,
                 float(s.outcomes.unpacked(s.outcomes.unfiltered_adversarial).sum()) / m,
@@ -1146,10 +1146,11 @@ class AuditSession:
         self._calibrate(filter_name, attack_id, sweeps)
         calibration = self._calibration
         assert calibration is not None
+        margin = calibration.of_group(filter_name, attack_id).margin
         reference = self._evaluator(attack_id)[1]
         near: dict[tuple[str, str | None], list[str]] = {}
         for s in sweeps:
-            margins = score_margins(s, calibration.margin, reference)
+            margins = score_margins(s, margin, reference)
             reasons = near_boundary(
                 s, margins, self.spec.filtering.tolerance, self._score_drop_values(s, margins)
             )
@@ -1163,7 +1164,7 @@ class AuditSession:
                     "precision": "fp32" if reasons else "bf16",
                     "confirmed": bool(reasons),
                     "reasons": reasons,
-                    "accuracy_margin": calibration.margin,
+                    "accuracy_margin": margin,
                     "score_margins": asdict(margins),
                 }
             )
@@ -1257,19 +1258,23 @@ class AuditSession:
         compute = self.spec.compute
         if compute.precision == "fp32":
             return None
-        n_dims = self.prepared.data.x.dim()
-        head = {
+        return compute_summary(self.compute_head(), self._calibration, self._precision_sweeps)
+
+    def compute_head(self) -> dict[str, Any]:
+        """The ``compute`` record's settings: precision, memory format, confirmation."""
+        compute, n_dims = self.spec.compute, self.prepared.data.x.dim()
+        return {
             "precision": compute.precision,
             "memory_format": "channels_last" if compute.channels_last(n_dims) else "contiguous",
             "confirm": compute.confirms,
         }
-        return compute_summary(head, self._calibration, self._precision_sweeps)
 
-    def _group_compute(self, filter_name: str, attack_id: str) -> dict[str, Any]:
+    def group_compute_record(self, filter_name: str, attack_id: str) -> dict[str, Any]:
         """What one (filter, attack) group added to the ``compute`` record: its sweeps' records
-        and the calibration pairs measured on them (kept with its cached sweeps)."""
-        pairs = [] if self._calibration is None else self._calibration.pairs
-        mine = (f"unfiltered {attack_id}", f"{filter_name} {attack_id} ")
+        and the calibration pairs measured on them (kept with its cached sweeps, carried by
+        the pytest plugin's items)."""
+        calibration = self._calibration or Calibration(self.prepared.data.n)
+        pairs = calibration.of_group(filter_name, attack_id).pairs
         return {
             "sweeps": [
                 r
@@ -1277,9 +1282,7 @@ class AuditSession:
                 if (r["filter"], r["attack"]) == (filter_name, attack_id)
             ],
             "pairs": [
-                {"where": p.where, "fp32": list(p.fp32), "bf16": list(p.bf16)}
-                for p in pairs
-                if p.where == mine[0] or p.where.startswith(mine[1])
+                {"where": p.where, "fp32": list(p.fp32), "bf16": list(p.bf16)} for p in pairs
             ],
         }
 

@@ -64,6 +64,21 @@ class Calibration:
     def max_delta(self) -> float:
         return max((p.delta for p in self.pairs), default=0.0)
 
+    def of_group(self, filter_name: str, attack_id: str) -> Calibration:
+        """The pairs one (filter, attack) group measured: the unfiltered network under the
+        attack and the group's own variants. Each group's margin comes from these alone, so a
+        sweep is confirmed or not whatever ran before it in the process: a serial run, xdist
+        workers, CI shards and the sweep cache make the same decisions."""
+        mine = f"{filter_name} {attack_id} "
+        return Calibration(
+            self.n_examples,
+            [
+                p
+                for p in self.pairs
+                if p.where == f"unfiltered {attack_id}" or p.where.startswith(mine)
+            ],
+        )
+
     @property
     def margin(self) -> float:
         """``d``: the most a bf16 accuracy is taken to differ from fp32's."""

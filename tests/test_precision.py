@@ -3,6 +3,10 @@ fp32 confirmation of exactly the sweeps that lie within that error of a boundary
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +17,7 @@ import torch
 
 from inferlink_audit import devices
 from inferlink_audit.audit import AuditSession
+from inferlink_audit.cli import main
 from inferlink_audit.errors import DeviceError, SpecError
 from inferlink_audit.report import report_html
 from inferlink_audit.results import AuditResult, ModelResult, SweepResult, result_to_dict
@@ -219,16 +224,15 @@ def _near(sweep: SweepResult, margin: float, reference: tuple[float, float]) -> 
 
 
 def _margins_in_effect(runs: Runs) -> list[float]:
-    """Per sweep, 2·max(|Δ|, 1/n) over the pairs measured up to its filter's group: the
-    calibration grows as the run computes sweeps, and each group is decided with what it has."""
+    """Per sweep, 2·max(|Δ|, 1/n) over its own filter's group's pairs and the unfiltered
+    network's (one attack here): what ran before the group does not enter its margin."""
     pairs = runs.record["calibration"]["pairs"]
     out = []
     for s in runs.approximate:
-        done = FILTERS[: FILTERS.index(s.filter) + 1]
         deltas = [
             max(abs(a - b) for a, b in zip(p["fp32"], p["bf16"], strict=True))
             for p in pairs
-            if p["where"].startswith("unfiltered") or p["where"].split()[0] in done
+            if p["where"].startswith("unfiltered") or p["where"].split()[0] == s.filter
         ]
         out.append(2 * max(max(deltas), 1 / 360))
     return out
@@ -309,7 +313,9 @@ def test_report_and_results_json_say_which_sweeps_were_confirmed(runs: Runs) -> 
     confirmed = sum(r["confirmed"] for r in record["sweeps"])
     margin = record["calibration"]["accuracy_margin"]
     assert f"{confirmed} of {len(record['sweeps'])} sweep evaluations" in section
-    assert f"d = {margin:.4f}" in section
+    assert f"d is at most {margin:.4f}" in section
+    for r in record["sweeps"]:  # each sweep's own margin, in its row
+        assert f'<td class="num">{r["accuracy_margin"]:.4f}</td>' in section
     assert section.count("(confirmed)") == confirmed
     assert section.count("no boundary within the margin") == len(record["sweeps"]) - confirmed
 
@@ -517,3 +523,49 @@ def test_a_confirmed_sweep_no_longer_decided_in_fp32_goes_on_in_fp32_rounds(
         assert seen == [("bf16", False)] * used + [("fp32", False)] * used + [("fp32", True)] * more
         went_on += more > 0
     assert went_on  # some sweep went on after its confirmation
+
+
+# --------------------------------------------------------------------------- the pytest plugin
+FORCE_BF16 = (
+    "from inferlink_audit import devices\n"
+    "# This machine's CPU may lack native bf16: the tests need the path, not the speed.\n"
+    "devices.cpu_bf16_flags = lambda *args: ['avx512_bf16']\n"
+)
+
+
+def test_the_plugin_reports_the_command_lines_compute_record_serial_and_under_xdist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 audit under pytest says what its numbers are in: results.json's ``compute``
+    (calibration, each sweep's margin and whether it was confirmed) equals the command
+    line's, whichever xdist worker computed each group, since each group's margin comes
+    from its own pairs."""
+    write_spec(
+        tmp_path,
+        compute={"precision": "bf16"},
+        filtering={"thresholds": 5, "filters": ["low_pass", "high_pass", "pulse"]},
+    )
+    (tmp_path / "conftest.py").write_text(FORCE_BF16)
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda *args: ["avx512_bf16"])
+    assert main(
+        ["run", str(tmp_path / "audit.yaml"), "--out", str(tmp_path / "cli"), "--quiet"]
+    ) in (0, 1)
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())["models"][0]
+    record = cli["compute"]
+    assert record["precision"] == "bf16" and len(record["sweeps"]) == len(cli["sweeps"])
+    confirmed = [s["confirmed"] for s in record["sweeps"]]
+    assert any(confirmed) and not all(confirmed)  # both kinds of sweep, margins at work
+    for workers in ([], ["-n", "2"]):
+        out = f"pytest{len(workers)}"
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *workers,
+             "--inferlink-audit", "audit.yaml", "--inferlink-report", out],
+            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode in (0, 1), done.stdout + done.stderr
+        plugin = json.loads((tmp_path / out / "results.json").read_text())["models"][0]
+        assert plugin["sweeps"] == cli["sweeps"], workers
+        assert plugin["compute"] == record, workers
+        html = (tmp_path / out / "report.html").read_text()
+        assert '<section id="precision">' in html

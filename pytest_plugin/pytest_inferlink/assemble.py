@@ -24,6 +24,7 @@ from inferlink_audit.checks import (
 )
 from inferlink_audit.compare import label_consistency
 from inferlink_audit.errors import AuditError
+from inferlink_audit.precision import compute_summary, merge_compute_records
 from inferlink_audit.results import (
     SCHEMA,
     AuditResult,
@@ -255,6 +256,21 @@ class ItemRun:
             for s in sweeps
         ]
 
+    def _compute(self, sweeps: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Under ``compute.precision: bf16``: the settings and, per sweep group the item
+        carries, that group's part of the ``compute`` record (calibration pairs, which sweeps
+        were confirmed); the controller joins them as ``merge`` joins shards."""
+        if self.spec.compute.precision == "fp32" or not self.session.is_prepared:
+            return None
+        groups = dict.fromkeys((s["filter"], s["attack"]) for s in sweeps)
+        return {
+            "head": self.session.compute_head(),
+            "groups": [
+                {"filter": f, "attack": a, **self.session.group_compute_record(f, a)}
+                for f, a in groups
+            ],
+        }
+
     def _check(self) -> dict[str, Any] | None:
         if not is_check(self.planned):
             return None
@@ -288,6 +304,7 @@ class ItemRun:
             "model": model,
             "attacks": attacks,
             "sweeps": sweeps,
+            "compute": self._compute(sweeps),
             "check": self._check(),
             "transfer": session.computed_transfer if planned.check == TRANSFER_ONLY else None,
             "meta": session.meta(0.0) if model is not None else None,
@@ -367,9 +384,12 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
     attack_order: list[str] = items[0]["attack_order"]
     attacks: dict[str, dict[str, Any]] = {}
     sweep_groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    compute_groups: dict[tuple[str, str], dict[str, Any]] = {}
     for payload in items:
         for attack in payload["attacks"]:
             attacks.setdefault(attack["id"], attack)
+        for group in (payload.get("compute") or {}).get("groups", []):
+            compute_groups.setdefault((group["filter"], group["attack"]), group)
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for sweep in payload["sweeps"]:
             groups.setdefault((sweep["filter"], sweep["attack"]), []).append(sweep)
@@ -392,8 +412,29 @@ def _model(items: list[dict[str, Any]]) -> dict[str, Any] | None:
         "units": next((i["units"] for i in infos if i.get("units")), None),
         "checks": [p["check"] for p in items if p["check"] is not None],
         "eps_curves": next((i["eps_curves"] for i in infos if i.get("eps_curves")), None),
+        "compute": _compute(
+            items, [compute_groups[k] for k in ordered_groups if k in compute_groups]
+        ),
         **_sequential_examples(model, infos),
     }
+
+
+def _compute(items: list[dict[str, Any]], groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """results.json's ``compute`` from each sweep group's part, in the serial run's order, as
+    ``merge`` joins CI shards' records: the same record as ``inferlink-audit run`` writes."""
+    head = next((p["compute"]["head"] for p in items if p.get("compute")), None)
+    if head is None:
+        return None
+    n = next(p["model"]["n_examples"] for p in items if p["model"] is not None)
+    records = [
+        {
+            **head,
+            "calibration": {"pairs": group["pairs"]} if head["confirm"] else None,
+            "sweeps": group["sweeps"],
+        }
+        for group in groups
+    ]
+    return merge_compute_records(records, n) if records else compute_summary(head, None, [])
 
 
 def _sequential_examples(model: dict[str, Any], infos: list[dict[str, Any]]) -> dict[str, Any]:
