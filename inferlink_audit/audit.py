@@ -41,6 +41,7 @@ from .devices import (
     peak_memory_mb,
     resolve_device,
     seed_everything,
+    synchronize,
 )
 from .errors import AuditError, DeviceError, SpecError
 from .filters import FilterName, SortedScope
@@ -165,6 +166,7 @@ class AuditSession:
         self._orderings: dict[str | None, SortedScope] = {}  # by layer; None is the global scope
         self._unfiltered_outcomes: dict[str, Bits | None] = {}  # by attack
         self._calibration: Calibration | None = None  # compute.precision: bf16 with confirm
+        self._bf16_speed: dict[str, Any] | None = None  # the unfiltered network timed in both
         self._precision_sweeps: list[dict[str, Any]] = []  # each bf16 sweep: confirmed or not
         self._draws: dict[tuple[str, str], list[SweepDraws]] = {}  # bootstrap, per sweep
         # Under torchrun: this process's rank, which evaluates a share of the test set.
@@ -1128,7 +1130,29 @@ class AuditSession:
             self._evaluators[key] = (evaluator, evaluator.evaluate())
             if precision == "fp32":
                 self._unfiltered_outcomes[attack_id] = evaluator.last_outcomes
+            elif self._bf16_speed is None:
+                self._bf16_speed = self._time_precisions(attack_id, evaluator)
         return self._evaluators[key]
+
+    def _time_precisions(self, attack_id: str, approximate: Evaluator) -> dict[str, Any]:
+        """bf16 is fast only where the kernels are (large convolutions, matrix units): a small
+        or depthwise network can run slower in it. One more evaluation of the unfiltered
+        network in each precision, both warm, says which is faster on this model and device
+        (results.json ``meta.bf16_speed``; the summary and report warn when bf16 was slower)."""
+        exact = self._evaluator(attack_id)[0]
+        seconds = []
+        for evaluator in (exact, approximate):
+            t0 = time.perf_counter()
+            evaluator.evaluate()
+            synchronize(self.prepared.device)
+            seconds.append(time.perf_counter() - t0)
+        return {
+            "attack": attack_id,
+            "examples": self.share.n,
+            "fp32_seconds": round(seconds[0], 6),
+            "bf16_seconds": round(seconds[1], 6),
+            "speedup": round(seconds[0] / max(seconds[1], 1e-9), 3),
+        }
 
     # ----------------------------------------------------------------- precision
     def _compute_in_precision(self, filter_name: FilterName, attack_id: str) -> list[SweepResult]:
@@ -1470,6 +1494,7 @@ class AuditSession:
             "peak_memory_mb": peak_memory_mb(p.device),
             "definitions": "docs/method.md §4: r = ψ/ψ⁰, b = 1 − ρ, Simpson over α̂ = k/(n−1)",
             **({} if self.ranks is None else {"torchrun_ranks": self.ranks.world}),
+            **({} if self._bf16_speed is None else {"bf16_speed": self._bf16_speed}),
         }
 
 

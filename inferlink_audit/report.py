@@ -43,7 +43,7 @@ from .results import (
     SweepResult,
     UnitSemanticsResult,
 )
-from .summary import INERT_EXPLANATION, inert_sweeps
+from .summary import INERT_EXPLANATION, bf16_speed_warning, inert_sweeps
 
 if TYPE_CHECKING:
     from .plots import CurvePlotter
@@ -826,6 +826,8 @@ def report_html(result: AuditResult, *, results_name: str = "results.json") -> s
         consistency=_consistency_view(result.consistency, [m.name for m in result.models]),
         tool_version=__version__,
         audit_version=audit_version,
+        bf16_speed=result.meta.get("bf16_speed"),
+        bf16_slower=bf16_speed_warning(result.meta),
         title=" · ".join(m.name for m in result.models) or "inferlink-audit",
     )
 

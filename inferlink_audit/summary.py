@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from .indicators import GUIDE
 from .results import AuditResult, ModelResult, SweepResult
@@ -63,6 +64,21 @@ def label_table(model: ModelResult) -> list[str]:
     return lines
 
 
+def bf16_speed_warning(meta: dict[str, Any]) -> str | None:
+    """When ``compute.precision: bf16`` measured slower than fp32 on this model and device
+    (``meta.bf16_speed``): say so, since the mode exists only to be faster."""
+    speed = meta.get("bf16_speed")
+    if not speed or speed["speedup"] >= 1.0:
+        return None
+    return (
+        f"compute.precision: bf16 ran at {speed['speedup']:.2f}x fp32's speed on this model "
+        f"and device (the unfiltered network under {speed['attack']}, {speed['examples']} "
+        f"examples: {speed['bf16_seconds']:.3f} s in bf16 against {speed['fp32_seconds']:.3f} s "
+        "in fp32). bf16 pays on large convolutions and matrix units, not on small or depthwise "
+        "layers: without compute.precision this audit is exact and likely faster."
+    )
+
+
 def sequential_line(model: ModelResult) -> str | None:
     """What a sequential run used (``statistics.sequential``): examples per unfiltered
     accuracy, sweeps decided early and sweeps the test set ran out on; None otherwise."""
@@ -120,5 +136,8 @@ def text_summary(result: AuditResult) -> str:
         for check in uncertain:
             if check.passed:
                 out.append(f"   UNCERTAIN {check.id}: {check.detail}")
+    speed = bf16_speed_warning(result.meta)
+    if speed:
+        out.append(f"WARNING {speed}")
     out.append("verdict: " + ("PASS" if result.passed else "FAIL"))
     return "\n".join(out)

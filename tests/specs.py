@@ -8,8 +8,9 @@ import yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_audits"
 
-# results.json meta that differs between two runs of one audit: when, how long, peak memory.
-RUN_DEPENDENT_META = ("started", "seconds", "timings", "peak_memory_mb")
+# results.json meta that differs between two runs of one audit: when, how long, peak memory,
+# how fast bf16 ran against fp32.
+RUN_DEPENDENT_META = ("started", "seconds", "timings", "peak_memory_mb", "bf16_speed")
 
 
 def digits_spec(**overrides: object) -> dict[str, object]:

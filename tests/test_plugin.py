@@ -96,7 +96,7 @@ def comparable(path: Path) -> dict[str, Any]:
     """results.json without its timing fields, which are all a re-run may change."""
     data = json.loads(path.read_text(encoding="utf-8"))
     for key in RUN_DEPENDENT_META:
-        data["meta"].pop(key)
+        data["meta"].pop(key, None)
     return data
 
 

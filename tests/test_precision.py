@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -569,3 +570,47 @@ def test_the_plugin_reports_the_command_lines_compute_record_serial_and_under_xd
         assert plugin["compute"] == record, workers
         html = (tmp_path / out / "report.html").read_text()
         assert '<section id="precision">' in html
+
+
+@pytest.mark.parametrize("slow", ["bf16", "fp32"])
+def test_a_bf16_run_slower_than_fp32_says_so_in_the_summary_report_and_pytest_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], slow: str
+) -> None:
+    """The unfiltered network is timed once more in each precision; a bf16 run that measured
+    slower warns (terminal, report, the plugin's findings), a faster one only records it."""
+    from pytest_inferlink.ci import finding_lines
+
+    from inferlink_audit.results import read_results
+
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda *args: ["avx512_bf16"])
+    evaluate = Evaluator.evaluate
+
+    def delayed(self: Evaluator) -> tuple[float, float]:
+        if self.precision == slow:
+            time.sleep(0.05)  # far above either precision's time on 120 digits
+        return evaluate(self)
+
+    monkeypatch.setattr(Evaluator, "evaluate", delayed)
+    write_spec(
+        tmp_path, compute={"precision": "bf16"}, filtering={"thresholds": 3, "filters": ["pulse"]}
+    )
+    main(["run", str(tmp_path / "audit.yaml"), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    result = read_results(tmp_path / "out" / "results.json")
+    speed = result.meta["bf16_speed"]
+    assert speed["examples"] == 120 and speed["attack"] == "fgsm_eps0.1"
+    assert speed["speedup"] == pytest.approx(
+        speed["fp32_seconds"] / speed["bf16_seconds"], rel=1e-2
+    )
+    html = (tmp_path / "out" / "report.html").read_text()
+    if slow == "bf16":
+        assert speed["speedup"] < 1.0
+        warning = f"WARNING compute.precision: bf16 ran at {speed['speedup']:.2f}x fp32's speed"
+        assert warning in printed
+        assert "bf16 was slower than fp32." in html
+        assert any(line.startswith(warning) for line in finding_lines(result))
+    else:
+        assert speed["speedup"] > 1.0
+        assert "WARNING" not in printed and "bf16 was slower" not in html
+        assert f"bf16 ran at {speed['speedup']:.2f}× fp32's speed" in html
+        assert finding_lines(result) == []

@@ -469,6 +469,10 @@ def _meta(specs: list[list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
         for key, value in payload["meta"].get("timings", {}).items():
             name = f"{payload['spec_name']}: {key}" if prefix else key
             timings[name] = round(timings.get(name, 0.0) + value, 3)
+    # Measured by whichever process first ran a bf16 sweep.
+    speeds = [p["meta"].get("bf16_speed") for items in with_meta for p in items]
+    if any(speeds):
+        meta["bf16_speed"] = next(s for s in speeds if s)
     meta["started"] = min(p["meta"]["started"] for items in with_meta for p in items)
     meta["seconds"] = round(seconds, 3)
     meta["timings"] = dict(sorted(timings.items()))

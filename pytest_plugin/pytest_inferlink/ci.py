@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from inferlink_audit.results import AuditResult, ModelResult
-from inferlink_audit.summary import INERT_EXPLANATION, inert_sweeps
+from inferlink_audit.summary import INERT_EXPLANATION, bf16_speed_warning, inert_sweeps
 
 from .assemble import SpecStats
 
@@ -25,13 +25,17 @@ def _first_line(text: str) -> str:
 
 
 def finding_lines(result: AuditResult | None) -> list[str]:
-    """Findings that fail no item but change how the results read: inert filtering."""
+    """Findings that fail no item but change how the results read: inert filtering, a bf16
+    run slower than fp32 would have been."""
     lines = []
     for model in result.models if result is not None else []:
         inert = inert_sweeps(model.sweeps)
         if inert:
             lines.append(f"WARNING {model.name}: inert filtering: {'; '.join(inert)}.")
             lines.append(f"  {INERT_EXPLANATION}")
+    speed = None if result is None else bf16_speed_warning(result.meta)
+    if speed:
+        lines.append(f"WARNING {speed}")
     return lines
 
 
