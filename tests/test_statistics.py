@@ -39,6 +39,7 @@ from inferlink_audit.statistics import (
     percentile_interval,
     resample_indices,
     resample_weights,
+    sweep_statistics,
     wilson_interval,
 )
 
@@ -339,19 +340,45 @@ def test_statistics_are_opt_in_and_leave_every_number_as_it_was(tmp_path):
 
 
 def test_a_sweep_of_mixed_labels_reports_each_labels_probability():
-    """Constructed outcomes whose clean score sits on the fragile boundary give both labels
-    a substantial probability, and the probabilities sum to one."""
+    """Constructed outcomes whose clean score sits on the fragile boundary: the recorded
+    label probabilities, targeted probability and score intervals equal what ``score_curves``
+    gives resample by resample (label counts, and the 2.5/97.5 percentiles of the scores)."""
     rng = np.random.default_rng(5)
-    n, thresholds = 300, 5
+    n, thresholds, resamples = 300, 5, 400
     removed = np.linspace(0.0, 0.8, thresholds)
-    # true clean curve: r = b - 0.05 (φ = -0.05 = -τ), adversarial unchanged
+    # true clean curve: r = b - 0.05 (φ = -0.05 = -τ); adversarial falls a little faster
     clean_truth = np.concatenate([[0.8], 0.8 * (1.0 - removed - 0.05)])
-    adversarial_truth = np.concatenate([[0.5], 0.5 * (1.0 - removed)])
-    outcomes = _nested_outcomes(rng.random(n), clean_truth, adversarial_truth)
-    draws = bootstrap_sweep(outcomes, removed, resample_weights(resample_indices(n, 1000, 0)), 0.05)
-    fragile = float(np.mean(draws.labels["clean"] == 0))
-    robust = float(np.mean(draws.labels["clean"] == 1))
-    assert 0.05 < fragile < 0.95 and fragile + robust == pytest.approx(1.0)
+    adversarial_truth = np.concatenate([[0.5], 0.5 * (1.0 - removed - 0.08)])
+    difficulty = rng.random(n)
+    outcomes = _nested_outcomes(difficulty, clean_truth, adversarial_truth)
+    indices = resample_indices(n, resamples, 0)
+    draws = bootstrap_sweep(outcomes, removed, resample_weights(indices), 0.05)
+    stats = sweep_statistics(outcomes, draws, 0.95)
+    clean = difficulty[None, :] < clean_truth[1:, None]
+    adversarial = difficulty[None, :] < adversarial_truth[1:, None]
+    slow = [
+        score_curves(
+            clean[:, idx].mean(axis=1),
+            adversarial[:, idx].mean(axis=1),
+            removed,
+            clean_reference=float(np.mean(difficulty[idx] < clean_truth[0])),
+            adversarial_reference=float(np.mean(difficulty[idx] < adversarial_truth[0])),
+            tolerance=0.05,
+        )
+        for idx in indices
+    ]
+    for response in ("clean", "adversarial"):
+        labels = [getattr(s.labels, response) for s in slow]
+        expected = {label: labels.count(label) / resamples for label in LABELS}
+        assert stats.label_probability[response] == pytest.approx(expected, abs=1e-12)
+    assert 0.05 < stats.label_probability["clean"]["fragile"] < 0.95  # both labels occur
+    targeted = sum(s.targeted for s in slow) / resamples
+    assert 0.05 < targeted < 0.95
+    assert stats.targeted_probability == pytest.approx(targeted, abs=1e-12)
+    for key in ("clean", "adversarial", "difference"):
+        scores = [getattr(s.scores, key) for s in slow]
+        expected_ci = np.percentile(scores, [2.5, 97.5]).tolist()
+        assert stats.scores_ci[key] == pytest.approx(expected_ci, abs=1e-9), key
 
 
 def test_results_json_reads_back_the_statistics(digits_session, tmp_path):
