@@ -24,9 +24,10 @@ CHECKPOINT = EXAMPLES / "digits_cnn.safetensors"
 TOLERANCE = 0.05  # filtering.tolerance, left at its default by write_spec
 
 
-def digits_accuracy_by_hand(limit: int) -> float:
+def digits_accuracy_by_hand(limit: int, fgsm_eps: float = 0.0) -> float:
     """The digits CNN's accuracy on the first ``limit`` test digits, from sklearn and torch
-    alone: the split the data docs give, ``images / 16``, normalised by mean 0.5, std 0.5."""
+    alone: the split the data docs give, ``images / 16``, normalised by mean 0.5, std 0.5;
+    with ``fgsm_eps``, on x + ε·sign ∇ₓ Σ CE clamped to [0, 1] (FGSM written out)."""
     from safetensors.torch import load_file
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -39,11 +40,18 @@ def digits_accuracy_by_hand(limit: int) -> float:
     )
     index = np.sort(test)[:limit]
     x = torch.from_numpy((digits.images[index] / 16.0).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(digits.target[index]).long()
     model = DigitsCNN(num_classes=10)
     model.load_state_dict(load_file(CHECKPOINT))
+    model.eval()
+    if fgsm_eps:
+        point = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model((point - 0.5) / 0.5), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, point)
+        x = (x + fgsm_eps * grad.sign()).clamp(0.0, 1.0)
     with torch.no_grad():
-        predicted = model.eval()((x - 0.5) / 0.5).argmax(1).numpy()
-    return float(np.mean(predicted == digits.target[index]))
+        predicted = model((x - 0.5) / 0.5).argmax(1)
+    return float(np.mean((predicted == y).numpy()))
 
 
 def fragile_fractions_by_hand(model: dict[str, Any]) -> dict[str, float]:
@@ -163,7 +171,11 @@ def test_failing_check_exits_1_and_names_the_measurement(tmp_path, capsys):
     assert "< min 0.9900" in out
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     (check,) = data["models"][0]["checks"]
-    assert check["passed"] is False and check["measured"] < 0.99
+    # The measurement is the unfiltered network's accuracy on all 120 digits under FGSM.
+    expected = digits_accuracy_by_hand(120, fgsm_eps=0.3)
+    assert check["passed"] is False
+    assert check["measured"] == pytest.approx(expected, abs=0.5 / 120)
+    assert f"adversarial accuracy {expected:.4f} < min 0.9900" in out
 
 
 def test_spec_error_exits_2_with_file_line_and_no_traceback(tmp_path, capsys):
