@@ -61,9 +61,25 @@ def test_consistency_counts_agreeing_labels(compared):
     rows = consistency["layers"]
     assert len(rows) == 4 * 2 * 1 * 2  # layers × filters × attacks × responses
     assert {tuple(sorted(r["labels"])) for r in rows} == {("digits-noisy", "digits-small")}
-    expected = sum(len(set(r["labels"].values())) == 1 for r in rows) / len(rows)
-    assert consistency["agreement"] == pytest.approx(expected)
+    # Every row's labels, and the agreement, from the two models' own sweeps.
     a, b = compared.models
+    by_hand = {}
+    for sweep in a.sweeps:
+        (other,) = [
+            s
+            for s in b.sweeps
+            if (s.layer, s.filter, s.attack) == (sweep.layer, sweep.filter, sweep.attack)
+        ]
+        for response in ("clean", "adversarial"):
+            by_hand[sweep.layer, sweep.filter, sweep.attack, response] = {
+                "digits-small": getattr(sweep.labels, response),
+                "digits-noisy": getattr(other.labels, response),
+            }
+    assert {(r["layer"], r["filter"], r["attack"], r["response"]): r["labels"] for r in rows} == (
+        by_hand
+    )
+    agree = [len(set(labels.values())) == 1 for labels in by_hand.values()]
+    assert consistency["agreement"] == pytest.approx(sum(agree) / len(agree), abs=1e-12)
     sweep_a = next(s for s in a.sweeps if s.layer == "fc1" and s.filter == "pulse")
     row = next(
         r
