@@ -126,11 +126,36 @@ def test_a_larger_eps_that_helps_the_model_is_flagged():
     assert reading(model, data, "eps_not_monotone", FGSMSpec(eps=0.05)).measured <= 0
 
 
+def _correct_under_sign_steps(
+    model: nn.Module, data: SimpleNamespace, eps: float, steps: int, step: float
+) -> torch.Tensor:
+    """Per example, correct after ``steps`` signed-gradient steps of the summed cross-entropy
+    kept within ε (L∞) of the input and in [0, 1], written out (FGSM: one step of ε)."""
+    x, y = data.x, data.y
+    point = x.clone()
+    for _ in range(steps):
+        point.requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(point), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, point)
+        moved = point.detach() + step * grad.sign()
+        point = (x + (moved - x).clamp(-eps, eps)).clamp(0.0, 1.0)
+    with torch.no_grad():
+        return model(point).argmax(1) == y
+
+
 def test_an_iterative_attack_that_cannot_move_is_weaker_than_fgsm(digits):
     model, data = digits
     stuck = PGDSpec(eps=0.1, steps=5, step_size=1e-4)
     indicator = reading(model, data, "iterative_weaker", stuck)
     assert not indicator.passed and "raise its steps or use apgd" in indicator.detail
+    # Measured: the stuck attack's accuracy above FGSM's at the same ε, both written out;
+    # the examples are those the stuck attack leaves correct and FGSM breaks.
+    iterative = _correct_under_sign_steps(model, data, 0.1, 5, 1e-4)
+    fgsm = _correct_under_sign_steps(model, data, 0.1, 1, 0.1)
+    expected = float(iterative.double().mean() - fgsm.double().mean())
+    assert expected > 0.2  # the test needs the stuck attack to be clearly weaker
+    assert indicator.measured == pytest.approx(expected, abs=1e-6)  # float32 means
+    assert indicator.examples == tuple((iterative & ~fgsm).nonzero()[:, 0].tolist())
 
 
 def test_apgd_cut_short_is_not_converged(digits):
