@@ -21,6 +21,7 @@ from inferlink_audit.results import (
     CheckResult,
     ModelResult,
     SweepOutcomes,
+    SweepResult,
     read_results,
     result_to_dict,
     write_results,
@@ -253,6 +254,80 @@ def test_per_example_bits_sum_to_the_reported_accuracies_on_the_digits_example(d
         assert unfiltered == digits_session.clean_accuracy()
     attack = digits_session.attack_result("fgsm_eps0.1")
     assert outcomes.unpacked(outcomes.unfiltered_adversarial).sum() / n == attack.accuracy
+
+
+class _Layers:
+    """Constructed local sweeps of one (filter, attack) with their per-example outcomes."""
+
+    def __init__(self, sweeps: list[SweepResult], sampling: Sampling) -> None:
+        self._sweeps, self._sampling = sweeps, sampling
+
+    def sweeps(self, filter_name: str, attack_id: str) -> list[SweepResult]:
+        return self._sweeps
+
+    def scope_members(self) -> None:
+        return None
+
+    def sampling(self) -> Sampling:
+        return self._sampling
+
+
+def test_fragile_fraction_and_targeted_intervals_are_percentiles_of_resampled_audits():
+    """Six layers whose adversarial curves sit near the fragile boundary, each on its own
+    examples: the max_fragile_fraction (on adversarial) and max_targeted_layers intervals equal
+    the 2.5/97.5 percentiles of those numbers recomputed from each resample of the examples
+    with ``score_curves``, weights counted by numel."""
+    rng = np.random.default_rng(21)
+    n, resamples, tau = 200, 300, 0.05
+    removed = np.linspace(0.0, 0.8, 5)
+    numels = [10, 20, 40, 80, 160, 320]
+    indices = resample_indices(n, resamples, 0)
+    weights = resample_weights(indices)
+    sweeps, draws = [], []
+    fractions, targeted = np.zeros(resamples), np.zeros(resamples)
+    for j, numel in enumerate(numels):
+        # clean a little off the baseline (robust); adversarial near r = b - τ, so both its
+        # label and the targeted flag (φΔ < -τ, not φa < -τ) change from resample to resample
+        clean_truth = np.concatenate([[0.9], 0.9 * (1.0 - removed + 0.03 * (j % 3 - 1))])
+        shift = tau + 0.01 * (j - 2.5)
+        adversarial_truth = np.concatenate([[0.6], 0.6 * (1.0 - removed - shift)])
+        difficulty = rng.random(n)
+        outcomes = _nested_outcomes(difficulty, clean_truth, adversarial_truth)
+        clean = difficulty[None, :] < clean_truth[1:, None]
+        adversarial = difficulty[None, :] < adversarial_truth[1:, None]
+        point = score_curves(
+            clean.mean(axis=1),
+            adversarial.mean(axis=1),
+            removed,
+            clean_reference=float(np.mean(difficulty < 0.9)),
+            adversarial_reference=float(np.mean(difficulty < 0.6)),
+            tolerance=tau,
+        )
+        sweeps.append(
+            SweepResult(
+                "local", f"l{j}", "low_pass", "fgsm", numel, [], list(removed), [], [],
+                point.scores, point.labels, point.targeted, outcomes=outcomes,
+            )
+        )  # fmt: skip
+        draws.append(bootstrap_sweep(outcomes, removed, weights, tau))
+        for b, idx in enumerate(indices):
+            scored = score_curves(
+                clean[:, idx].mean(axis=1),
+                adversarial[:, idx].mean(axis=1),
+                removed,
+                clean_reference=float(np.mean(difficulty[idx] < 0.9)),
+                adversarial_reference=float(np.mean(difficulty[idx] < 0.6)),
+                tolerance=tau,
+            )
+            fractions[b] += numel * (scored.labels.adversarial == "fragile") / sum(numels)
+            targeted[b] += scored.targeted
+    assert len(set(fractions)) > 10 and len(set(targeted)) > 2  # the resamples disagree
+    measurements = _Layers(sweeps, Sampling(0.95, "estimate", n, lambda f, a: draws))
+    for check, values in (("max_fragile_fraction", fractions), ("max_targeted_layers", targeted)):
+        planned = PlannedCheck(check, check, "low_pass", "fgsm", 0.5, 3, "m", "adversarial")
+        result = evaluate_check(planned, measurements)  # type: ignore[arg-type]
+        expected = np.percentile(values, [2.5, 97.5]).tolist()
+        assert result.ci == pytest.approx(expected, abs=1e-9), check
 
 
 def test_the_sweep_cache_keeps_per_example_outcomes(digits_session, tmp_path):
