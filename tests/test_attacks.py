@@ -80,8 +80,15 @@ def test_pgd_stays_in_ball_and_box_and_beats_fgsm(linear, norm):
         assert delta.norm(dim=1).max() <= eps + 1e-5
     assert out.adversarial.min() >= 0 and out.adversarial.max() <= 1
     loss = nn.functional.cross_entropy
+    # The single gradient step of the whole budget, written out: FGSM (x + ε·sign g) under
+    # L∞, FGM (x + ε·g/‖g‖) under L2, clamped to the box.
+    point = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(model(point), y, reduction="sum"), point)
+    step = grad.sign() if norm == "linf" else grad / grad.norm(dim=1, keepdim=True)
+    single = (x + eps * step).clamp(0.0, 1.0)
     with torch.no_grad():
-        assert loss(model(out.adversarial), y) > loss(model(x), y)
+        assert loss(model(single), y) > loss(model(x), y)
+        assert loss(model(out.adversarial), y) >= loss(model(single), y) - 1e-6
 
 
 def test_pgd_without_random_start_first_step_is_fgsm_sized(linear):
