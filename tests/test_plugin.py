@@ -15,6 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pytest_inferlink.plugin import (
     INI_AUDIT,
@@ -25,6 +26,7 @@ from pytest_inferlink.plugin import (
     OPTION_REPORT,
 )
 from pytest_inferlink.runner import STEP_SUMMARY_ENV
+from scipy.integrate import simpson
 
 from .specs import RUN_DEPENDENT_META
 
@@ -277,8 +279,23 @@ def test_junit_xml_carries_the_numbers_as_properties(pytester: pytest.Pytester, 
     assert props["check"] == "low_pass-fgsm_eps0.3-max_fragile_fraction"
     assert (props["limit"], props["passed"]) == ("0.5", "False")
     assert float(props["measured"]) == pytest.approx(8192 / (8192 + 1152))
-    assert float(props["score:fc1:clean"]) < -0.05  # fragile: φc < -τ
-    assert {"score:fc1:adversarial", "score:fc1:difference"} <= set(props)
+    # fc1's three scores, by scipy's Simpson rule on the curves the run's results.json holds:
+    # r = ψ/ψ⁰ against b = 1 − ρ, φΔ = ∫(ra − rc).
+    data = json.loads((pytester.path / "inferlink-report" / "results.json").read_text())
+    (model,) = data["models"]
+    (fc1,) = [s for s in model["sweeps"] if s["layer"] == "fc1" and s["filter"] == "low_pass"]
+    rc = np.array(fc1["clean_accuracy"]) / model["clean_accuracy"]
+    ra = np.array(fc1["adversarial_accuracy"]) / model["attacks"][0]["accuracy"]
+    alpha = np.linspace(0.0, 1.0, len(rc))
+    base = 1.0 - np.array(fc1["removed_fraction"])
+    by_hand = {
+        "clean": simpson(rc - base, x=alpha),
+        "adversarial": simpson(ra - base, x=alpha),
+        "difference": simpson(ra - rc, x=alpha),
+    }
+    assert by_hand["clean"] < -0.05  # fragile: φc < -τ
+    for response, value in by_hand.items():
+        assert float(props[f"score:fc1:{response}"]) == pytest.approx(value, abs=1e-6), response
     assert not any(name.startswith("score:conv2") for name in props)  # conv2 is not fragile
     failure = failing.find("failure")
     assert failure is not None
