@@ -47,9 +47,21 @@ def accuracies(model, x, y, eps, lo, hi, source_adv=None):
 
 
 def naive_sweep(
-    model, param_names, filter_name, n, x, y, eps, lo=0.0, hi=1.0, magnitude=False, original=False
+    model,
+    param_names,
+    filter_name,
+    n,
+    x,
+    y,
+    eps,
+    lo=0.0,
+    hi=1.0,
+    magnitude=False,
+    original=False,
+    attack=None,
 ):
-    """Curves of one scope (the named parameters) for one filter, the literal way."""
+    """Curves of one scope (the named parameters) for one filter, the literal way; ``attack``
+    (model, x, y) -> x_adv replaces FGSM as the stress, crafted against each variant."""
     state = model.state_dict()
     values = np.concatenate([state[name].double().numpy().ravel() for name in param_names])
     if magnitude:
@@ -66,7 +78,10 @@ def naive_sweep(
             v = np.abs(v) if magnitude else v
             sd[name][torch.from_numpy(zeroed(v, filter_name, alpha, delta))] = 0
         variant.load_state_dict(sd)
-        c, a = accuracies(variant, x, y, eps, lo, hi, fixed_adv)
+        source = fixed_adv
+        if attack is not None and source is None:
+            source = attack(variant.eval(), x, y)
+        c, a = accuracies(variant, x, y, eps, lo, hi, source)
         clean.append(c)
         adv.append(a)
         removed.append(zeroed(values, filter_name, alpha, delta).mean())

@@ -18,6 +18,7 @@ from inferlink_audit.errors import SpecError
 from inferlink_audit.spec import APGDSpec, AutoAttackSpec, DataSourceSpec, SquareSpec
 from inferlink_audit.spec_loader import load_spec
 
+from .naive_reference import naive_sweep
 from .specs import write_spec
 from .test_apgd import digits_model, inputs, linear_model, predicted_correct
 
@@ -102,16 +103,24 @@ def test_apgd_runs_as_the_stress_of_a_filtering_sweep(tmp_path: Path):
     path = write_spec(
         tmp_path,
         attacks=[{"apgd": spec}],
-        filtering={"thresholds": 3, "filters": ["low_pass"], "scopes": ["global"]},
+        # pulse: each variant keeps most of the network, so APGD crafted against it differs
+        # from APGD crafted against the unfiltered network
+        filtering={"thresholds": 5, "filters": ["pulse"], "scopes": ["global"]},
     )
     session = AuditSession(load_spec(path))
     attack_id = APGDSpec(**spec).id
     result = session.attack_result(attack_id)
     assert result.kind == "apgd" and result.accuracy < session.clean_accuracy()
-    (sweep,) = session.sweeps("low_pass", attack_id)
-    # APGD is crafted against every filtered network and never helps it.
-    assert len(sweep.adversarial_accuracy) == 3
-    assert all(
-        a <= c for a, c in zip(sweep.adversarial_accuracy, sweep.clean_accuracy, strict=True)
+    (sweep,) = session.sweeps("pulse", attack_id)
+    # APGD is crafted against every filtered network: the curves equal the naive reference's,
+    # which deep-copies each variant, zeroes its weights and runs APGD on it.
+    model = session.prepared.loaded.module
+    x, y = session.prepared.data.x, session.prepared.data.y
+    names = [f"model.{layer}.weight" for layer in ("conv1", "conv2", "fc1", "fc2")]
+    apgd = build_attack(APGDSpec(**spec), (0.0, 1.0), session.spec.seed)
+    clean, adversarial, _, _ = naive_sweep(
+        model, names, "pulse", 5, x, y, 0.1, attack=lambda m, x, y: apgd(m, x, y).adversarial
     )
+    assert sweep.clean_accuracy == pytest.approx(clean.tolist(), abs=1e-12)
+    assert sweep.adversarial_accuracy == pytest.approx(adversarial.tolist(), abs=1e-12)
     assert sweep.adversarial_accuracy[0] < sweep.clean_accuracy[0]
