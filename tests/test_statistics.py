@@ -529,6 +529,12 @@ def test_plugin_shows_intervals_in_junit_the_terminal_and_the_step_summary(
     clean = cases["digits-small[min_clean_accuracy]"]
     props = {p.get("name"): p.get("value") for p in clean.iter("property")}
     lo, hi = float(props["ci_low"]), float(props["ci_high"])
+    # The 95 % Wilson interval of the measured accuracy on 64 examples, written out.
+    p, n, z = float(props["measured"]), 64, 1.959963984540054
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    assert p == pytest.approx(63 / 64)  # 63 of the 64 digits right
+    assert (lo, hi) == pytest.approx((centre - half, min(1.0, centre + half)), abs=1e-9)
     assert lo < 0.97 < hi and props["certain"] == "False"
     assert props["passed"] == "False"  # strict: the interval is not wholly above 0.97
     assert "uncertain" in run.stdout.str() and "1 uncertain" in run.stdout.str()
