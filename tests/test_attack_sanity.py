@@ -110,9 +110,24 @@ def test_saturated_softmax_masks_gradients_and_the_black_box_attack_sees_through
 
 def test_dropout_in_eval_makes_predictions_unstable(digits):
     model, data = digits
-    unstable = reading(RandomisedInEval(model), data, "unstable_predictions")
-    assert not unstable.passed and unstable.examples
+    randomised = RandomisedInEval(model)
+    torch.manual_seed(0)
+    unstable = reading(randomised, data, "unstable_predictions")
+    assert not unstable.passed
     assert "expectation over the randomness (EOT" in unstable.detail
+    # Measured: the share of examples whose two predictions differ, written out with the
+    # same dropout draws (two passes per batch of 64, in order).
+    torch.manual_seed(0)
+    with torch.no_grad():
+        differ = torch.cat(
+            [
+                randomised(data.x[i : i + 64]).argmax(1) != randomised(data.x[i : i + 64]).argmax(1)
+                for i in range(0, len(data.y), 64)
+            ]
+        )
+    assert 0 < differ.sum() < len(data.y)
+    assert unstable.measured == pytest.approx(differ.double().mean().item(), abs=1e-6)
+    assert unstable.examples == tuple(differ.nonzero()[:, 0].tolist())
 
 
 def test_a_larger_eps_that_helps_the_model_is_flagged():
