@@ -20,7 +20,7 @@ from inferlink_audit.spec import APGDSpec, AutoAttackSpec, DataSourceSpec, FGSMS
 from inferlink_audit.spec_loader import load_spec
 
 from .specs import write_spec
-from .test_apgd import digits_model
+from .test_apgd import digits_model, predicted_correct
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +173,42 @@ def test_an_iterative_attack_that_cannot_move_is_weaker_than_fgsm(digits):
     assert indicator.examples == tuple((iterative & ~fgsm).nonzero()[:, 0].tolist())
 
 
+class Recording(nn.Module):
+    """Keeps the logits of every forward pass that builds a gradient (the attack's steps)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.logits: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if torch.is_grad_enabled():
+            self.logits.append(out.detach())
+        return out
+
+
 def test_apgd_cut_short_is_not_converged(digits):
     model, data = digits
-    assert not reading(model, data, "not_converged", APGDSpec(eps=0.1, steps=3)).passed
+    one_batch = SimpleNamespace(x=data.x, y=data.y, batch_size=len(data.y))
+    recording, steps = Recording(model), 3
+    stuck = reading(recording, one_batch, "not_converged", APGDSpec(eps=0.1, steps=steps))
+    assert not stuck.passed
     assert reading(model, data, "not_converged", APGDSpec(eps=0.1, steps=20)).passed
+    # Measured, from the loss trajectory the model saw (start and 3 steps, one restart, on the
+    # examples classified correctly): an example APGD left correct whose best CE loss rose over
+    # the last step by more than 5 % of its total rise, as a share of those APGD left correct.
+    active = predicted_correct(model, data.x, data.y).nonzero()[:, 0]
+    passes = recording.logits[: steps + 1]
+    losses = torch.stack(
+        [nn.functional.cross_entropy(z, data.y[active], reduction="none") for z in passes]
+    )
+    broken = torch.stack([z.argmax(1) != data.y[active] for z in passes]).any(0)
+    best = losses.cummax(0).values
+    rising = ~broken & (best[-1] - best[-2] > 0.05 * (best[-1] - best[0])) & (best[-1] > best[0])
+    assert 0 < rising.sum() < (~broken).sum()
+    assert stuck.examples == tuple(active[rising].tolist())
+    assert stuck.measured == pytest.approx(rising.sum().item() / (~broken).sum().item())
 
 
 def test_indicators_are_planned_for_iterative_attacks_by_default(tmp_path: Path):
