@@ -1146,12 +1146,13 @@ class AuditSession:
             evaluator.evaluate()
             synchronize(self.prepared.device)
             seconds.append(time.perf_counter() - t0)
+        fp32, bf16 = (round(s, 6) for s in seconds)
         return {
             "attack": attack_id,
             "examples": self.share.n,
-            "fp32_seconds": round(seconds[0], 6),
-            "bf16_seconds": round(seconds[1], 6),
-            "speedup": round(seconds[0] / max(seconds[1], 1e-9), 3),
+            "fp32_seconds": fp32,
+            "bf16_seconds": bf16,
+            "speedup": float(f"{fp32 / max(bf16, 1e-6):.4g}"),  # four significant digits
         }
 
     # ----------------------------------------------------------------- precision

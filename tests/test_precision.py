@@ -605,7 +605,7 @@ def test_a_bf16_run_slower_than_fp32_says_so_in_the_summary_report_and_pytest_te
 
     def delayed(self: Evaluator) -> tuple[float, float]:
         if self.precision == slow:
-            time.sleep(0.05)  # far above either precision's time on 120 digits
+            time.sleep(0.2)  # far above either precision's time on 120 digits, even emulated
         return evaluate(self)
 
     monkeypatch.setattr(Evaluator, "evaluate", delayed)
@@ -618,7 +618,7 @@ def test_a_bf16_run_slower_than_fp32_says_so_in_the_summary_report_and_pytest_te
     speed = result.meta["bf16_speed"]
     assert speed["examples"] == 120 and speed["attack"] == "fgsm_eps0.1"
     assert speed["speedup"] == pytest.approx(
-        speed["fp32_seconds"] / speed["bf16_seconds"], rel=1e-2
+        speed["fp32_seconds"] / speed["bf16_seconds"], rel=1e-3
     )
     html = (tmp_path / "out" / "report.html").read_text()
     if slow == "bf16":
