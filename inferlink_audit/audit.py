@@ -48,7 +48,6 @@ from .filters import FilterName, SortedScope
 from .layers import AnalysedLayer, select_layers
 from .models import LoadedModel, check_batch, load_model
 from .precision import (
-    SAFETY,
     Calibration,
     PairedVariant,
     ScoreMargins,
@@ -915,36 +914,18 @@ class AuditSession:
         n = self._plan.n
         if self._calibration is None:
             self._calibration = Calibration(n)
-        calibration = self._calibration
         used = {s.layer: len(parts[s.layer]) for s in sweeps}
         self._calibrate_rounds(filter_name, attack_id, sweeps, used)
-        tolerance = self.spec.filtering.tolerance
+        group = self._calibration.of_group(filter_name, attack_id)
         near: list[str | None] = []
         for s in sweeps:
             assert s.outcomes is not None
             m = s.outcomes.n
-            margin = SAFETY * max(calibration.of_group(filter_name, attack_id).max_delta, 1.0 / m)
             reference = (
                 float(s.outcomes.unpacked(s.outcomes.unfiltered_clean).sum()) / m,
                 float(s.outcomes.unpacked(s.outcomes.unfiltered_adversarial).sum()) / m,
             )
-            margins = score_margins(s, margin, reference)
-            reasons = near_boundary(s, margins, tolerance, self._score_drop_values(s, margins))
-            self._precision_sweeps.append(
-                {
-                    "filter": filter_name,
-                    "attack": attack_id,
-                    "scope": s.scope,
-                    "layer": s.layer,
-                    "examples": m,
-                    "precision": "fp32" if reasons else "bf16",
-                    "confirmed": bool(reasons),
-                    "reasons": reasons,
-                    "accuracy_margin": margin,
-                    "score_margins": asdict(margins),
-                }
-            )
-            if reasons:
+            if self._near_boundary(s, group.margin_for(m), reference, m):
                 near.append(s.layer)
         records = self._precision_sweeps[-len(sweeps) :]
         fp32: dict[str | None, list[SweepResult]] = {key: [] for key in near}
@@ -1169,32 +1150,14 @@ class AuditSession:
             return sweeps
         t0 = time.perf_counter()
         self._calibrate(filter_name, attack_id, sweeps)
-        calibration = self._calibration
-        assert calibration is not None
-        margin = calibration.of_group(filter_name, attack_id).margin
+        assert self._calibration is not None
+        margin = self._calibration.of_group(filter_name, attack_id).margin
         reference = self._evaluator(attack_id)[1]
-        near: dict[tuple[str, str | None], list[str]] = {}
-        for s in sweeps:
-            margins = score_margins(s, margin, reference)
-            reasons = near_boundary(
-                s, margins, self.spec.filtering.tolerance, self._score_drop_values(s, margins)
-            )
-            self._precision_sweeps.append(
-                {
-                    "filter": filter_name,
-                    "attack": attack_id,
-                    "scope": s.scope,
-                    "layer": s.layer,
-                    "examples": self.prepared.data.n,
-                    "precision": "fp32" if reasons else "bf16",
-                    "confirmed": bool(reasons),
-                    "reasons": reasons,
-                    "accuracy_margin": margin,
-                    "score_margins": asdict(margins),
-                }
-            )
-            if reasons:
-                near[(s.scope, s.layer)] = reasons
+        near = [
+            (s.scope, s.layer)
+            for s in sweeps
+            if self._near_boundary(s, margin, reference, self.prepared.data.n)
+        ]
         if near:
             label = f"confirm {filter_name} {attack_id} in fp32"
             total = len(near) * self.spec.filtering.thresholds
@@ -1210,6 +1173,32 @@ class AuditSession:
             sweeps = [by_scope.get((s.scope, s.layer), s) for s in sweeps]
         self.timings["confirm"] = self.timings.get("confirm", 0.0) + time.perf_counter() - t0
         return sweeps
+
+    def _near_boundary(
+        self, sweep: SweepResult, margin: float, reference: tuple[float, float], examples: int
+    ) -> bool:
+        """Whether a bf16 sweep lies within ``margin`` (in accuracy, propagated to its scores
+        through ``reference``, the fp32 unfiltered accuracies) of a boundary its labels,
+        targeted flag or a check compare with; its record in ``compute.sweeps`` says why."""
+        margins = score_margins(sweep, margin, reference)
+        reasons = near_boundary(
+            sweep, margins, self.spec.filtering.tolerance, self._score_drop_values(sweep, margins)
+        )
+        self._precision_sweeps.append(
+            {
+                "filter": sweep.filter,
+                "attack": sweep.attack,
+                "scope": sweep.scope,
+                "layer": sweep.layer,
+                "examples": examples,
+                "precision": "fp32" if reasons else "bf16",
+                "confirmed": bool(reasons),
+                "reasons": reasons,
+                "accuracy_margin": margin,
+                "score_margins": asdict(margins),
+            }
+        )
+        return bool(reasons)
 
     def _calibrate(
         self, filter_name: FilterName, attack_id: str, sweeps: list[SweepResult]

@@ -82,7 +82,12 @@ class Calibration:
     @property
     def margin(self) -> float:
         """``d``: the most a bf16 accuracy is taken to differ from fp32's."""
-        return SAFETY * max(self.max_delta, 1.0 / self.n_examples)
+        return self.margin_for(self.n_examples)
+
+    def margin_for(self, examples: int) -> float:
+        """``d`` for an accuracy over ``examples`` (a sequential sweep's, fewer than the set's):
+        the largest measured difference doubled, never under one example."""
+        return SAFETY * max(self.max_delta, 1.0 / examples)
 
     def to_json(self) -> dict[str, object]:
         deltas = [p.delta for p in self.pairs]
