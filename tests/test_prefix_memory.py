@@ -89,6 +89,28 @@ def _attack(name: str) -> Attack:
     return GaussianNoise(GaussianSpec(sigma=0.2), (0, 1), 0)
 
 
+def _cached(
+    model: nn.Module,
+    data: EvalData,
+    attack: str = "fgsm",
+    source: str = "filtered",
+    *,
+    splitter: NetworkSplitter | None = None,
+    budget: int = 1 << 40,
+    precision: Precision = "fp32",
+) -> Evaluator:
+    """An evaluator that reuses prefixes within ``budget`` bytes (unlimited by default)."""
+    return Evaluator(
+        model,
+        data,
+        _attack(attack),
+        source,  # type: ignore[arg-type]
+        splitter=splitter or NetworkSplitter(model),
+        prefix_budget=budget,
+        precision=precision,
+    )
+
+
 def _graph_tensors(roots: tuple[torch.Tensor, ...]) -> Iterator[torch.Tensor]:
     """Every tensor saved by the autograd graph behind ``roots``."""
     seen: set[int] = set()
@@ -164,15 +186,7 @@ def test_cache_bytes_equal_an_independent_count_and_never_exceed_the_budget(
     data = _data(model)
     splitter = NetworkSplitter(model)
     with frozen_parameters(model):
-        unlimited = Evaluator(
-            model,
-            data,
-            _attack(attack),
-            source,
-            splitter=splitter,
-            prefix_budget=1 << 40,
-            precision=precision,
-        )
+        unlimited = _cached(model, data, attack, source, splitter=splitter, precision=precision)
         needed = {
             layer: _independent_bytes(model, data, unlimited, layer, precision) for layer in LAYERS
         }
@@ -181,14 +195,8 @@ def test_cache_bytes_equal_an_independent_count_and_never_exceed_the_budget(
                 assert unlimited.prefix_cache_bytes == needed[layer], layer
         # A budget that fits the cheaper prefixes but not the dearest ones.
         budget = sorted(needed.values())[len(needed) // 2]
-        bounded = Evaluator(
-            model,
-            data,
-            _attack(attack),
-            source,
-            splitter=splitter,
-            prefix_budget=budget,
-            precision=precision,
+        bounded = _cached(
+            model, data, attack, source, splitter=splitter, budget=budget, precision=precision
         )
         bounded.evaluate()
         before = _tensor_bytes_alive()
@@ -212,15 +220,7 @@ def test_a_bf16_fgsm_cache_keeps_its_activations_in_bf16_only(model: nn.Module) 
     the only fp32 storages are the inputs FGSM differentiates."""
     data = _data(model)
     with frozen_parameters(model):
-        evaluator = Evaluator(
-            model,
-            data,
-            _attack("fgsm"),
-            "filtered",
-            splitter=NetworkSplitter(model),
-            prefix_budget=1 << 40,
-            precision="bf16",
-        )
+        evaluator = _cached(model, data, precision="bf16")
         owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         with evaluator.focus("block2.conv2"):
             assert evaluator._prefix is not None and evaluator._prefix.graphs is not None
@@ -260,15 +260,7 @@ def test_a_released_cache_gives_its_memory_back_to_the_system(precision: Precisi
     ).eval()
     data = EvalData(torch.rand(256, 3, 32, 32), torch.randint(0, 10, (256,)), 64)
     with frozen_parameters(net):
-        evaluator = Evaluator(
-            net,
-            data,
-            _attack("fgsm"),
-            "filtered",
-            splitter=NetworkSplitter(net),
-            prefix_budget=1 << 40,
-            precision=precision,
-        )
+        evaluator = _cached(net, data, precision=precision)
         evaluator.evaluate()
         gc.collect()
         release_freed_memory()
@@ -299,14 +291,7 @@ def test_the_fgsm_graph_cache_is_freed_when_focus_ends(model: nn.Module) -> None
     stayed in memory until the process ended (8.5 GB on a small ResNet)."""
     data = _data(model)
     with frozen_parameters(model):
-        evaluator = Evaluator(
-            model,
-            data,
-            _attack("fgsm"),
-            "filtered",
-            splitter=NetworkSplitter(model),
-            prefix_budget=1 << 40,
-        )
+        evaluator = _cached(model, data)
         before = _tensor_bytes_alive()
         for layer in LAYERS:
             with evaluator.focus(layer):
@@ -328,9 +313,7 @@ def test_curves_with_the_cache_equal_curves_without(
         for layer in LAYERS:
             curves = {}
             for budget in (0, 1 << 40):
-                evaluator = Evaluator(
-                    model, data, _attack(attack), source, splitter=splitter, prefix_budget=budget
-                )
+                evaluator = _cached(model, data, attack, source, splitter=splitter, budget=budget)
                 curves[budget] = _sweep(evaluator, model, layer)
                 assert evaluator.prefix_hits == (budget > 0), (layer, budget)
             assert _numbers(curves[0]) == _numbers(curves[1 << 40]), layer

@@ -425,6 +425,19 @@ class Tokens(nn.Module):
         return self.fc(self.emb(x.long()).mean(1))
 
 
+def _tensor_session(tmp_path: Path, name: str, factory: str, **data: Any) -> AuditSession:
+    """A session on ``model.pt`` and ``test.pt`` written in ``tmp_path`` by the test."""
+    spec = {
+        "version": 1,
+        "name": name,
+        "model": {"factory": f"tests.test_unusual_models:{factory}", "checkpoint": "model.pt"},
+        "data": {"source": "tensors", "path": "test.pt", **data},
+        "device": "cpu",
+    }
+    (tmp_path / "audit.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return AuditSession(load_spec(tmp_path / "audit.yaml"))
+
+
 def _prepare(tmp_path: Path, factory: str, kwargs: dict[str, Any]) -> AuditSession:
     path = _write_audit(tmp_path, factory, (3, 8, 8), {"kwargs": kwargs}, None)
     return AuditSession(load_spec(path))
@@ -466,15 +479,7 @@ def test_integer_token_inputs_are_refused_naming_the_model_factory(tmp_path):
         y = model(x).argmax(1)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     torch.save({"x": x, "y": y}, tmp_path / "test.pt")
-    spec = {
-        "version": 1,
-        "name": "tokens",
-        "model": {"factory": "tests.test_unusual_models:Tokens", "checkpoint": "model.pt"},
-        "data": {"source": "tensors", "path": "test.pt", "input_range": [0, 11]},
-        "device": "cpu",
-    }
-    (tmp_path / "audit.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    session = AuditSession(load_spec(tmp_path / "audit.yaml"))
+    session = _tensor_session(tmp_path, "tokens", "Tokens", input_range=[0, 11])
     with pytest.raises(ModelLoadError, match="integer inputs") as info:
         session.clean_accuracy()
     assert info.value.key == "model.factory"
@@ -530,15 +535,7 @@ def test_a_single_logit_classifier_is_refused_not_perfect(tmp_path):
     torch.save(
         {"x": torch.rand(16, 3, 8, 8), "y": torch.zeros(16, dtype=torch.long)}, tmp_path / "test.pt"
     )
-    spec = {
-        "version": 1,
-        "name": "single",
-        "model": {"factory": "tests.test_unusual_models:SingleLogit", "checkpoint": "model.pt"},
-        "data": {"source": "tensors", "path": "test.pt"},
-        "device": "cpu",
-    }
-    (tmp_path / "audit.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    session = AuditSession(load_spec(tmp_path / "audit.yaml"))
+    session = _tensor_session(tmp_path, "single", "SingleLogit")
     with pytest.raises(ModelLoadError, match="returns two logits") as info:
         session.clean_accuracy()
     assert info.value.key == "model.factory"
